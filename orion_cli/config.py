@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .resources import resource_path
@@ -38,24 +38,60 @@ class _Section(BaseModel):
 
 class QuantizeSettings(_Section):
     level: QuantLevel
-    block_size: int = Field(ge=16, le=256)
-    method: str
+    block_size: int | None = Field(ge=16, le=256)
+    method: Literal["auto", "gptq", "rtn", "kquant", "hqq"]
     low_cpu_mem: bool
     keep_intermediate: bool
     eval_text: str | None
+    calibration_tokens: int = Field(ge=128)
+    eval_tokens: int = Field(ge=128)
+    prompt: str
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int | None) -> int | None:
+        if value is not None and value & (value - 1):
+            raise ValueError("must be a power of two (16, 32, 64, 128 or 256)")
+        return value
 
 
 class MergeSettings(_Section):
     method: MergeMethod
     dtype: Dtype
     density: float = Field(gt=0.0, le=1.0)
-    seed: int
+    seed: int = Field(ge=0, lt=2**32)
     allow_crimes: bool
+    max_shard_size: str | int  # YAML reads a bare 500 (MB) as a number
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _is_a_size(cls, value: str | int) -> str | int:
+        from .errors import UsageError
+        from .sizes import parse_size
+
+        try:
+            parse_size(value)
+        except UsageError:
+            raise ValueError("not a size; write e.g. 500 (MB), 500MB, 2GB or 1.5GiB") from None
+        return value
 
 
 class ShardSettings(_Section):
     shards: int | None = Field(ge=1)
-    max_shard_size: str | None
+    max_shard_size: str | int | None  # YAML reads a bare 500 (MB) as a number
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _is_a_size(cls, value: str | int | None) -> str | int | None:
+        from .errors import UsageError
+        from .sizes import parse_size
+
+        if value is not None:
+            try:
+                parse_size(value)
+            except UsageError:
+                raise ValueError("not a size; write e.g. 500 (MB), 500MB, 2GB or 1.5GiB") from None
+        return value
 
 
 class ServeSettings(_Section):
@@ -72,6 +108,17 @@ class ServeSettings(_Section):
     max_restarts: int = Field(ge=0)
     master_addr: str
     master_port: int = Field(ge=1, le=65535)
+    pp_split: str | None
+    nnodes: int = Field(ge=1)
+    node_rank: int = Field(ge=0)
+    drain_timeout: float = Field(gt=0)
+
+
+class CodecSettings(_Section):
+    auto_threshold_bytes: int = Field(ge=0)
+    int8_block_size: int = Field(ge=1, le=2**20)
+    zstd_level: int = Field(ge=1, le=22)
+    stream_chunk_bytes: int = Field(ge=1)
 
 
 class OrionConfig(BaseModel):
@@ -84,6 +131,7 @@ class OrionConfig(BaseModel):
     merge: MergeSettings
     shard: ShardSettings
     serve: ServeSettings
+    codec: CodecSettings
 
     @property
     def cache_path(self) -> Path:
