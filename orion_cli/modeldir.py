@@ -188,11 +188,12 @@ def weights_digest(model: ModelDir) -> tuple[str, list[FileRecord]]:
     return digest_records(records), records
 
 
-def copy_support_files(source: Path, destination: Path) -> list[str]:
-    """Copy config, generation config and tokenizer files; return the names copied."""
+def copy_support_files(source: Path, destination: Path, skip: Iterable[str] = ()) -> list[str]:
+    """Copy config, generation config and tokenizer files (except those named in skip); return the names copied."""
     copied = []
+    skip = set(skip)
     for name in SUPPORT_FILES:
-        if (source / name).is_file():
+        if name not in skip and (source / name).is_file():
             shutil.copy2(source / name, destination / name)
             copied.append(name)
     return copied

@@ -16,6 +16,7 @@ from . import errors as cli_errors
 from .common import STATE, ConfigOpt, JsonOpt, VerboseOpt, reset_state
 from .demo_cmd import demo
 from .registry_cmd import models_app, register
+from .shard_cmd import shard
 
 app = typer.Typer(
     name="orion",
@@ -56,6 +57,7 @@ def main_options(
 app.command("register")(register)
 app.add_typer(models_app)
 app.command("demo")(demo)
+app.command("shard")(shard)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
