@@ -16,6 +16,7 @@ from . import errors as cli_errors
 from .common import STATE, ConfigOpt, JsonOpt, VerboseOpt, reset_state
 from .demo_cmd import demo
 from .registry_cmd import models_app, register
+from .serve_cmd import serve
 from .shard_cmd import shard
 
 app = typer.Typer(
@@ -58,6 +59,7 @@ app.command("register")(register)
 app.add_typer(models_app)
 app.command("demo")(demo)
 app.command("shard")(shard)
+app.command("serve")(serve)
 
 
 def run(argv: Sequence[str] | None = None) -> int:

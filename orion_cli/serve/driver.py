@@ -1,0 +1,125 @@
+"""Rank 0's process: the scheduler, the HTTP server, and how they stop.
+
+SIGTERM (torchrun forwards it from `orion serve`) drains: the server stops
+taking requests (/health answers 503), in-flight ones finish within
+--drain-timeout, then every rank is told to stop. A failed step ends the
+engine instead: in-flight requests get 503 and the process exits non-zero,
+so torchrun restarts the group (--max-restarts) or `orion serve` exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import uvicorn
+
+from .api import ServedModel, create_app
+from .metrics import ServeMetrics
+from .protocol import StepPlan
+from .scheduler import Scheduler, StepRunner
+
+log = logging.getLogger("orion_cli.serve")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, telling the scheduler to refuse new work as soon as a stop signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler):
+        super().__init__(config)
+        self.scheduler = scheduler
+        self.stopped_by: str | None = None
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.scheduler.drain()
+        self.stopped_by = self.stopped_by or signal.Signals(sig).name
+        super().handle_exit(sig, frame)
+
+
+def eos_token_ids(model_dir: str | Path, tokenizer: Any) -> set[int]:
+    """The ids that end generation, as transformers' generate() reads them."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            value = json.loads(path.read_text()).get("eos_token_id")
+            if value is not None:
+                return set(value) if isinstance(value, list) else {value}
+    return {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+
+
+def serve_http(runner: StepRunner, served: ServedModel, sock: socket.socket, *, eos: set[int],
+               max_batch_size: int, api_key: str | None, drain_timeout: float, verbose: bool,
+               announce: Callable[[dict[str, Any]], None], describe: dict[str, Any]) -> dict[str, Any]:
+    """Serve until stopped; returns what happened, with the process exit code under "code"."""
+    metrics = ServeMetrics()
+    failed = threading.Event()
+
+    def on_failure(reason: str) -> None:
+        failed.set()
+        server.should_exit = True
+
+    scheduler = Scheduler(runner, served.tokenizer, eos, max_batch_size, served.max_model_len, metrics, on_failure)
+    config = uvicorn.Config(create_app(scheduler, served, metrics, api_key), log_level="info" if verbose else "warning",
+                            access_log=verbose, timeout_graceful_shutdown=int(max(1, drain_timeout)), lifespan="off")
+    server = DrainingServer(config, scheduler)
+    metrics.update_ranks(runner.run(StepPlan("stats")) or [])  # weights per rank, for the ready line and /metrics
+    scheduler.start()
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    announce({"event": "ready", "url": url, "model": served.id, "pid": os.getpid(), **describe,
+              "max_model_len": served.max_model_len,
+              "ranks": [{k: r[k] for k in ("rank", "node", "stage", "tp_rank", "pid", "weight_bytes",
+                                           "resident_bytes") if k in r} for r in metrics.ranks]})
+    # uvicorn re-raises the signal it drained for once it returns; a no-op handler lets us finish the shutdown.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[sock])
+        drained = False if failed.is_set() else scheduler.stop(drain_timeout)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    result = {"url": url, "requests": scheduler.served, "generated_tokens": scheduler.generated_tokens,
+              "drained": drained, "failure": scheduler.failure, "stopped_by": server.stopped_by,
+              "code": 0 if drained else 1}
+    announce({"event": "summary", **{k: v for k, v in result.items() if k != "url"}})
+    return result
+
+
+def run_driver(spec, runtime) -> int:
+    """Rank 0 of the torch.distributed engine."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from .control import ControlClient, bind_listening_socket
+    from .worker import DistributedRunner
+
+    control = ControlClient.connect()
+    sock = control.receive_listening_socket() if control is not None else None
+    if sock is None:  # started by torchrun directly, not by `orion serve`
+        sock = bind_listening_socket(spec.host, spec.port)
+    tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+    served = ServedModel(
+        id=spec.model_id, root=spec.model_dir, max_model_len=spec.max_model_len, tokenizer=tokenizer,
+        vocab_size=runtime.shape.vocab_size,
+        metadata={"orion": {"engine": "torch", "architecture": spec.architecture, "tp": spec.tp, "pp": spec.pp,
+                            "layers_per_stage": spec.layer_counts, "backend": spec.backend, "dtype": spec.dtype,
+                            "activation_codec": spec.activation_codec,
+                            **({"registry": spec.registry_entry} if spec.registry_entry else {})}},
+    )
+    announce = control.send if control is not None else (lambda message: log.info("%s", message))
+    code = serve_http(
+        DistributedRunner(runtime), served, sock, eos=eos_token_ids(spec.model_dir, tokenizer),
+        max_batch_size=spec.max_batch_size, api_key=spec.api_key, drain_timeout=spec.drain_timeout,
+        verbose=spec.verbose, announce=announce,
+        describe={"engine": "torch", "tp": spec.tp, "pp": spec.pp, "backend": spec.backend},
+    )["code"]
+    if code:
+        os._exit(code)  # peers may be gone: do not wait on the process group's teardown
+    dist.destroy_process_group()
+    return 0

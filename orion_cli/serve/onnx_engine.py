@@ -1,0 +1,172 @@
+"""ONNX models (the output of `orion quantize`) served by onnxruntime in one process, behind the same API.
+
+The model is loaded with optimum's ORTModelForCausalLM (sharded external data
+included) and stepped through its onnxruntime session directly. The scheduler
+is the same as for torch ranks: each running request owns a slot holding its
+past keys and values; a decode step left-pads every slot's past to the longest
+and masks the padding, so requests of different lengths share one session
+run. Tensor and pipeline parallelism do not apply: there is one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from ..errors import UsageError
+from .protocol import StepPlan
+from .sampling import Sampler
+
+log = logging.getLogger("orion_cli.serve")
+
+NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+class OnnxRunner:
+    """The scheduler's StepRunner over one onnxruntime session."""
+
+    def __init__(self, ort_model: Any):
+        import torch
+
+        self.torch = torch
+        self.session = ort_model.session
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = set(inputs)
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.layers = len(self.past_names) // 2
+        first_past = inputs[self.past_names[0]] if self.past_names else None
+        self.past_dtype = NUMPY_TYPES.get(first_past.type, np.float32) if first_past else np.float32
+        self.kv_heads, self.head_dim = (first_past.shape[1], first_past.shape[3]) if first_past else (0, 0)
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.output_names = ["logits"] + [n.replace("past_key_values.", "present.") for n in self.past_names]
+        missing = [n for n in self.output_names if n not in outputs]
+        if missing or not self.past_names:
+            raise UsageError(f"MODEL_DIR: the ONNX model has no key/value cache outputs ({missing[:2]}); "
+                             "export it with task text-generation-with-past")
+        self.slots: dict[int, list[np.ndarray]] = {}  # slot -> past arrays, in past_names order
+        self.sampler = Sampler()
+        self.weight_bytes = 0
+
+    def run(self, plan: StepPlan) -> Any:
+        for source, target in plan.moves:
+            self.slots[target] = self.slots.pop(source)
+        self.sampler.release(plan.release)
+        self.sampler.admit(plan.admit)
+        if plan.kind == "stats":
+            return [self.stats()]
+        if plan.kind == "prefill":
+            logits = [self._prefill(plan.first_slot + row, tokens) for row, tokens in enumerate(plan.tokens)]
+            return self.sampler.sample(self.torch.from_numpy(np.stack(logits)), plan.request_ids)
+        if plan.kind == "decode":
+            logits = self._decode(plan.tokens, plan.starts)
+            return self.sampler.sample(self.torch.from_numpy(logits), plan.request_ids)
+        return None
+
+    def shutdown(self) -> None:
+        self.slots.clear()
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]):
+        feed = {"input_ids": ids, "attention_mask": mask, **dict(zip(self.past_names, past))}
+        if "position_ids" in self.input_names:
+            feed["position_ids"] = positions
+        if "use_cache_branch" in self.input_names:
+            feed["use_cache_branch"] = np.array([past[0].shape[2] > 0])
+        return self.session.run(self.output_names, feed)
+
+    def _prefill(self, slot: int, tokens: list[int]) -> np.ndarray:
+        n = len(tokens)
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.past_dtype)
+        outputs = self._run(np.array([tokens], dtype=np.int64), np.ones((1, n), dtype=np.int64),
+                            np.arange(n, dtype=np.int64)[None], [empty] * len(self.past_names))
+        self.slots[slot] = outputs[1:]
+        return outputs[0][0, -1].astype(np.float32)
+
+    def _decode(self, tokens: list[list[int]], starts: list[int]) -> np.ndarray:
+        rows, longest = len(tokens), max(starts)
+        mask = np.zeros((rows, longest + 1), dtype=np.int64)
+        past = [np.zeros((rows, self.kv_heads, longest, self.head_dim), dtype=self.past_dtype)
+                for _ in self.past_names]
+        for row, start in enumerate(starts):
+            mask[row, longest - start:] = 1
+            for padded, own in zip(past, self.slots[row]):
+                padded[row, :, longest - start:] = own[0, :, :start]
+        outputs = self._run(np.array(tokens, dtype=np.int64), mask, np.array(starts, dtype=np.int64)[:, None], past)
+        for row, start in enumerate(starts):
+            self.slots[row] = [present[row:row + 1, :, longest - start:] for present in outputs[1:]]
+        return outputs[0][:, -1].astype(np.float32)
+
+    def stats(self) -> dict[str, Any]:
+        import psutil
+
+        cache = sum(a.nbytes for arrays in self.slots.values() for a in arrays)
+        return {"rank": 0, "global_rank": 0, "node": 0, "stage": 0, "tp_rank": 0, "pid": os.getpid(),
+                "weight_bytes": self.weight_bytes, "kv_cache_bytes": cache,
+                "resident_bytes": psutil.Process().memory_info().rss}
+
+
+def serve_onnx(options, model, model_id: str, entry: dict[str, Any] | None, on_event) -> Any:
+    """Serve an ONNX directory in this process until SIGTERM/SIGINT; returns the launcher's ServeSummary."""
+    from .control import bind_listening_socket
+    from .driver import eos_token_ids, serve_http
+    from .launcher import ServeError, ServeSummary
+    from .options import check_common
+
+    check_common(options)
+    ignored = [flag for flag, value, neutral in (("--tp", options.tp, 1), ("--pp", options.pp, 1),
+                                                 ("--nnodes", options.nnodes, 1), ("--pp-split", options.pp_split, None))
+               if value != neutral]
+    if ignored:
+        raise UsageError(f"{'/'.join(ignored)}: do not apply to ONNX models ({model.root}), which onnxruntime "
+                         "serves in one process; serve the safetensors model for tensor/pipeline parallelism")
+    if options.dtype != "float32":
+        log.warning("--dtype %s: ignored for ONNX models, which run in the dtypes they were exported with",
+                    options.dtype)
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    names = [p.name for p in model.onnx_files]
+    file_name = "model.onnx" if "model.onnx" in names else (names[0] if len(names) == 1 else None)
+    try:
+        ort_model = ORTModelForCausalLM.from_pretrained(model.path, file_name=file_name) if file_name \
+            else ORTModelForCausalLM.from_pretrained(model.path)
+        tokenizer = AutoTokenizer.from_pretrained(model.path)
+    except Exception as exc:  # noqa: BLE001 - optimum and onnxruntime raise many kinds
+        raise ServeError(f"MODEL_DIR {model.root}: cannot be loaded by onnxruntime "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    runner = OnnxRunner(ort_model)
+    runner.weight_bytes = model.weight_bytes
+    max_positions = getattr(ort_model.config, "max_position_embeddings", None) or options.max_model_len
+    max_model_len = min(options.max_model_len, max_positions)
+    if max_model_len < options.max_model_len:
+        log.warning("--max-model-len %d exceeds the model's %d positions; using %d",
+                    options.max_model_len, max_positions, max_model_len)
+    try:
+        sock = bind_listening_socket(options.host, options.port)
+    except OSError as exc:
+        raise ServeError(f"--host {options.host} --port {options.port}: cannot listen there ({exc.strerror})") from None
+    from .api import ServedModel
+
+    quantization = (model.metadata or {}).get("quantization")
+    served = ServedModel(
+        id=model_id, root=str(model.path.resolve()), max_model_len=max_model_len, tokenizer=tokenizer,
+        vocab_size=ort_model.config.vocab_size,
+        metadata={"orion": {"engine": "onnxruntime", "architecture": model.architecture,
+                            **({"quantization": quantization} if quantization else {}),
+                            **({"registry": entry} if entry else {})}},
+    )
+    summary = ServeSummary(model_id, "onnxruntime", None, 1, 0, 1, 1)
+    with sock:
+        result = serve_http(runner, served, sock, eos=eos_token_ids(model.path, tokenizer),
+                            max_batch_size=options.max_batch_size, api_key=options.api_key,
+                            drain_timeout=options.drain_timeout, verbose=options.verbose,
+                            announce=lambda event: event.get("event") == "summary" or on_event(event),
+                            describe={"engine": "onnxruntime", "tp": 1, "pp": 1})
+    summary.url = result["url"]
+    summary.requests, summary.generated_tokens = result["requests"], result["generated_tokens"]
+    summary.stopped_by, summary.drained = result["stopped_by"], result["drained"]
+    if result["failure"]:
+        raise ServeError(f"onnxruntime failed: {result['failure']}")
+    return summary

@@ -1,0 +1,324 @@
+"""One rank of `orion serve`, started by torchrun: `python -m orion_cli.serve.worker`.
+
+Every rank loads its stage's slice of the model and executes the plans that
+rank 0 broadcasts. Rank 0 also owns the scheduler and the HTTP server. Ranks
+are placed by (node rank, local rank) rather than by the rendezvous order, so
+stage 0 and the HTTP port are on the node started with --node-rank 0 whatever
+order the nodes joined in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UsageError
+from .options import NODE_RANK_ENV, WorkerSpec
+from .protocol import StepPlan
+from .tp import TPGroup
+
+log = logging.getLogger("orion_cli.serve")
+
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Topology:
+    """Where this rank sits: its stage, its tensor-parallel index, and the ranks it talks to."""
+
+    logical_rank: int
+    global_rank: int
+    world_size: int
+    node_rank: int
+    stage: int
+    tp: TPGroup
+    cpu_group: Any
+    driver: int  # global rank of logical rank 0 (scheduler and HTTP)
+    sampler: int  # global rank that samples (last stage, tp index 0)
+    previous: int | None
+    next: int | None
+    pp: int
+
+    @property
+    def is_driver(self) -> bool:
+        return self.global_rank == self.driver
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.pp - 1
+
+
+def build_topology(spec: WorkerSpec, node_rank: int, local_rank: int) -> Topology:
+    world, me = dist.get_world_size(), dist.get_rank()
+    cpu_group = dist.new_group(backend="gloo") if spec.backend != "gloo" else dist.group.WORLD
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, (node_rank, local_rank, me, spec.agreement_key()), group=cpu_group)
+    _check_agreement(everyone)
+    order = [entry[2] for entry in sorted(everyone, key=lambda e: (e[0], e[1]))]  # logical -> global
+    logical = order.index(me)
+    stage, tp_rank = divmod(logical, spec.tp)
+    tp_group = None
+    for s in range(spec.pp):  # every rank creates every group, in the same order
+        group = dist.new_group(order[s * spec.tp:(s + 1) * spec.tp]) if spec.tp > 1 else None
+        if s == stage:
+            tp_group = group
+    return Topology(
+        logical_rank=logical, global_rank=me, world_size=world, node_rank=node_rank, stage=stage,
+        tp=TPGroup(tp_rank, spec.tp, tp_group), cpu_group=cpu_group, driver=order[0],
+        sampler=order[(spec.pp - 1) * spec.tp], pp=spec.pp,
+        previous=order[logical - spec.tp] if stage > 0 else None,
+        next=order[logical + spec.tp] if stage < spec.pp - 1 else None,
+    )
+
+
+def _check_agreement(everyone: list[Any]) -> None:
+    reference_node, _, _, reference = min(everyone, key=lambda e: (e[0], e[1]))
+    for node, _, _, key in everyone:
+        for flag, value in key.items():
+            if value != reference[flag]:
+                raise UsageError(f"{flag}: node {node} was started with {value} but node {reference_node} "
+                                 f"with {reference[flag]}; start every node with the same settings")
+
+
+class RankRuntime:
+    """This rank's stage of the model, and how it takes part in each plan."""
+
+    def __init__(self, spec: WorkerSpec, topology: Topology, device: torch.device):
+        from transformers import AutoConfig
+
+        from ..checkpoint import CheckpointReader
+        from .architectures import model_shape, split_layers
+        from .model import StageModel
+        from .sampling import Sampler
+        from .tp import WeightLoader
+
+        self.spec = spec
+        self.topology = topology
+        self.device = device
+        self.dtype = DTYPES[spec.dtype]
+        hf_config = AutoConfig.from_pretrained(spec.model_dir)
+        self.shape = model_shape(hf_config)
+        layer_range = split_layers(self.shape.num_layers, spec.pp, spec.layer_counts)[topology.stage]
+        with CheckpointReader(spec.model_dir, flag="MODEL_DIR") as reader:
+            self.stage = StageModel(self.shape, hf_config, layer_range, topology.first, topology.last, topology.tp,
+                                    WeightLoader(reader, self.dtype, device), spec.max_batch_size,
+                                    spec.max_model_len)
+        self.layer_range = layer_range
+        self.sampler = Sampler() if topology.global_rank == topology.sampler else None
+        self.link = None
+        if spec.pp > 1:
+            from ..codec import CodecPolicy
+            from .pipeline import StageLink
+
+            policy = CodecPolicy(spec.activation_codec, **spec.codec_policy)
+            self.link = StageLink(policy, topology.cpu_group, topology.previous, topology.next)
+
+    def execute(self, plan: StepPlan) -> Any:
+        """Run this rank's part of `plan`; rank 0 gets the sampled tokens (or every rank's stats)."""
+        topo = self.topology
+        for source, target in plan.moves:
+            self.stage.cache.move(source, target)
+        if self.sampler is not None:
+            self.sampler.release(plan.release)
+            self.sampler.admit(plan.admit)
+        if plan.kind == "stats":
+            return self._gather_stats()
+        if not plan.has_work:
+            return None
+        tokens = self._forward(plan)
+        if topo.sampler == topo.driver:
+            return tokens
+        if topo.global_rank == topo.sampler:
+            dist.send(torch.tensor(tokens, dtype=torch.int64), dst=topo.driver, group=topo.cpu_group)
+            return None
+        if topo.is_driver:
+            received = torch.empty(len(plan.request_ids), dtype=torch.int64)
+            dist.recv(received, src=topo.sampler, group=topo.cpu_group)
+            return received.tolist()
+        return None
+
+    @torch.inference_mode()
+    def _forward(self, plan: StepPlan) -> list[int] | None:
+        from .model import make_batch
+
+        lengths = [len(t) for t in plan.tokens]
+        batch = make_batch(plan.kind == "prefill", plan.first_slot, lengths, plan.starts,
+                           self.shape.sliding_window, self.device)
+        batch = self.stage.prepare(batch, self.dtype)
+        if self.topology.first:
+            width = batch.width
+            ids = torch.tensor([t + [0] * (width - len(t)) for t in plan.tokens], device=self.device)
+            hidden = self.stage.embed_tokens(ids, batch)
+        else:
+            hidden = self.link.receive(lengths, self.device, self.dtype)
+        hidden = self.stage(hidden, batch)
+        if not self.topology.last:
+            self.link.send(hidden, lengths)
+            return None
+        logits = self.stage.logits(hidden, batch)
+        return self.sampler.sample(logits, plan.request_ids) if self.sampler is not None else None
+
+    def stats(self) -> dict[str, Any]:
+        import psutil
+
+        topo = self.topology
+        stats = {
+            "rank": topo.logical_rank, "global_rank": topo.global_rank, "node": topo.node_rank,
+            "stage": topo.stage, "tp_rank": topo.tp.rank, "layers": [self.layer_range.start, self.layer_range.stop],
+            "weight_bytes": self.stage.weight_bytes, "kv_cache_bytes": self.stage.cache.nbytes,
+            "resident_bytes": psutil.Process().memory_info().rss, "pid": os.getpid(),
+        }
+        if self.link is not None:
+            stats.update(self.link.stats())
+        return stats
+
+    def _gather_stats(self) -> list[dict[str, Any]] | None:
+        mine = self.stats()
+        if self.topology.world_size == 1:
+            return [mine]
+        everyone = [None] * self.topology.world_size if self.topology.is_driver else None
+        dist.gather_object(mine, everyone, dst=self.topology.driver, group=self.topology.cpu_group)
+        return everyone
+
+
+class DistributedRunner:
+    """The scheduler's StepRunner on rank 0: broadcast each plan, then take part in it."""
+
+    def __init__(self, runtime: RankRuntime):
+        self.runtime = runtime
+        self.topology = runtime.topology
+
+    def run(self, plan: StepPlan) -> Any:
+        if self.topology.world_size > 1:
+            dist.broadcast_object_list([plan], src=self.topology.driver, group=self.topology.cpu_group)
+        return self.runtime.execute(plan)
+
+    def shutdown(self) -> None:
+        if self.topology.world_size > 1:
+            dist.broadcast_object_list([StepPlan("stop")], src=self.topology.driver, group=self.topology.cpu_group)
+
+
+def follow(runtime: RankRuntime) -> None:
+    """Every rank but rank 0: execute plans until rank 0 says stop."""
+    topo = runtime.topology
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=topo.driver, group=topo.cpu_group)
+        plan: StepPlan = box[0]
+        if plan.kind == "stop":
+            return
+        runtime.execute(plan)
+
+
+# -- process setup ------------------------------------------------------------------
+
+
+def _exit_with_parent() -> None:
+    """torchrun's agent is our parent: if it dies (SIGKILL), do not outlive it."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="orion-parent-watch", daemon=True).start()
+
+
+def _follower_signals(grace: float) -> None:
+    """torchrun signals every rank at once; followers keep serving rank 0's drain, within a deadline."""
+
+    def on_signal(signum, frame) -> None:
+        timer = threading.Timer(grace, lambda: os._exit(1))
+        timer.daemon = True
+        timer.start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
+def _setup_logging(verbose: bool, rank: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.WARNING,
+                        format=f"orion serve [rank {rank}] %(levelname)s %(message)s")
+    logging.getLogger("orion_cli").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        for name in ("transformers", "torch", "uvicorn", "uvicorn.error", "uvicorn.access"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main() -> int:
+    spec = WorkerSpec.from_env()
+    _setup_logging(spec.verbose, os.environ.get("RANK", "?"))
+    sys.stdout = sys.stderr  # stdout belongs to `orion serve --json`
+    _exit_with_parent()
+    node_rank = int(os.environ.get(NODE_RANK_ENV, "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if spec.backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    try:
+        dist.init_process_group(spec.backend, timeout=PROCESS_GROUP_TIMEOUT,
+                                device_id=device if spec.backend == "nccl" else None)
+        topology = build_topology(spec, node_rank, local_rank)
+        if not topology.is_driver:
+            _follower_signals(spec.drain_timeout + 10)
+        runtime = RankRuntime(spec, topology, device)
+    except Exception as exc:  # noqa: BLE001 - a one-line reason, then a failed exit torchrun reports
+        _report_failure("startup", exc, spec.verbose)
+        return 1
+    if topology.is_driver:
+        from .driver import run_driver
+
+        return run_driver(spec, runtime)
+    try:
+        if topology.node_rank != 0 and local_rank == 0:
+            _announce_join(spec, topology)
+        follow(runtime)
+    except Exception as exc:  # noqa: BLE001
+        _report_failure("step", exc, spec.verbose)
+        os._exit(1)  # peers may be gone; do not wait on process-group teardown
+    dist.destroy_process_group()
+    return 0
+
+
+def _announce_join(spec: WorkerSpec, topology: Topology) -> None:
+    from .control import ControlClient
+
+    control = ControlClient.connect()
+    if control is not None:
+        control.hello()
+        control.send({"event": "joined", "node_rank": topology.node_rank, "stage": topology.stage,
+                      "world_size": topology.world_size})
+
+
+def _report_failure(when: str, exc: BaseException, verbose: bool) -> None:
+    if verbose:
+        log.exception("failed during %s", when)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    sys.stderr.write(f"orion serve [rank {os.environ.get('RANK', '?')}]: {when} failed: {first}\n")
+    sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

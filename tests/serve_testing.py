@@ -1,0 +1,95 @@
+"""Helpers shared by the tests/test_serve*.py modules: transformers references and /metrics parsing."""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+
+import httpx
+
+
+@lru_cache(maxsize=8)
+def hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@lru_cache(maxsize=8)
+def hf_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def tokenize(model_dir, text: str) -> list[int]:
+    return hf_tokenizer(str(model_dir))(text)["input_ids"]
+
+
+def hf_greedy(model_dir, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers generate(), greedy, in this process; eos dropped as the server drops it."""
+    import torch
+
+    model = hf_model(str(model_dir))
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False)
+    generated = out[0, len(prompt_ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    for i, token in enumerate(generated):
+        if token in eos:
+            return generated[:i]
+    return generated
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def metric(url: str, name: str, **labels: str) -> float | None:
+    """A sample's value from /metrics (summed over label sets matching `labels`), None when absent."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        sample, _, label_text = key.partition("{")
+        if sample != name:
+            continue
+        have = dict(part.split("=", 1) for part in label_text.rstrip("}").split(",") if "=" in part)
+        if all(have.get(k, "").strip('"') == v for k, v in labels.items()):
+            total += float(value)
+            found = True
+    return total if found else None
+
+
+def used_buckets(url: str, histogram: str) -> list[float]:
+    """Upper bounds of the histogram buckets that received observations."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    counts = []
+    for line in text.splitlines():
+        if line.startswith(histogram + "_bucket{"):
+            bound = line.split('le="')[1].split('"')[0]
+            counts.append((float("inf") if bound == "+Inf" else float(bound), float(line.rsplit(" ", 1)[1])))
+    used, previous = [], 0.0
+    for bound, count in counts:
+        if count > previous:
+            used.append(bound)
+        previous = count
+    return used
+
+
+def eventually_metric(url: str, name: str, timeout: float = 10.0, **labels: str) -> float | None:
+    """Like metric(), waiting for per-rank figures, which ranks report to rank 0 every few seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = metric(url, name, **labels)
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.25)

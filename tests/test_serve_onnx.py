@@ -1,0 +1,111 @@
+"""orion serve on a quantized ONNX directory: onnxruntime in one process, behind the same API.
+
+The model is the tiny Llama exported here with optimum and quantized to 4 bits
+with onnxruntime's MatMulNBits quantizer, laid out as `orion quantize` writes
+it (OUT/quantized/model.onnx with external data), registered, and served by
+its registry key.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import httpx
+import pytest
+
+from orion_cli.registry import register_model
+from orion_cli.serve.process import ServerProcess
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+PROMPTS = ["def main():\n    return", "import os\nimport", "x", "class A:"]
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tiny_llama, tmp_path_factory):
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from optimum.exporters.onnx import main_export
+
+    root = tmp_path_factory.mktemp("onnx")
+    exported, out = root / "fp32", root / "tiny-q4"
+    main_export(str(tiny_llama), output=exported, task="text-generation-with-past", do_validation=False)
+    (out / "quantized").mkdir(parents=True)
+    for name in os.listdir(exported):
+        if name != "model.onnx":
+            shutil.copy(exported / name, out / "quantized" / name)
+    quantizer = MatMulNBitsQuantizer(onnx.load(exported / "model.onnx"), block_size=32, is_symmetric=True)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out / "quantized" / "model.onnx"), use_external_data_format=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(quantized_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("serve-onnx")
+    register_model(quantized_dir, "tiny-q4", work / "models.json")
+    process = ServerProcess("tiny-q4", "--port", "0", cwd=work).start()
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+        leftovers = process.kill_leftovers()
+        assert not leftovers, f"processes left behind: {leftovers}"
+
+
+def ort_greedy(model_dir, prompt: str, max_new_tokens: int) -> list[int]:
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = ORTModelForCausalLM.from_pretrained(model_dir)
+    ids = AutoTokenizer.from_pretrained(model_dir)(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:].tolist()
+    eos = model.generation_config.eos_token_id
+    return out[: out.index(eos)] if eos in out else out
+
+
+def test_concurrent_greedy_output_equals_onnxruntime_generate(server, quantized_dir):
+    assert server.ready["engine"] == "onnxruntime"
+    expected = [ort_greedy(quantized_dir / "quantized", p, 12) for p in PROMPTS]
+    results: dict[int, list[int]] = {}
+
+    def client(i: int) -> None:
+        response = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+            "model": "tiny-q4", "prompt": PROMPTS[i], "max_tokens": 12, "temperature": 0, "return_token_ids": True})
+        results[i] = response.json()["choices"][0]["token_ids"]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [results.get(i) for i in range(len(PROMPTS))] == expected
+
+
+def test_models_endpoint_shows_the_registry_entry(server):
+    card = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]
+    assert card["id"] == "tiny-q4"
+    assert card["orion"]["engine"] == "onnxruntime"
+    assert card["orion"]["registry"]["format"] == "onnx"
+    assert card["orion"]["registry"]["id"] == "tiny-q4"
+
+
+def test_openai_client_streams_chat(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "hello"}]
+    whole = client.chat.completions.create(model="tiny-q4", messages=messages, max_tokens=10, temperature=0)
+    parts = client.chat.completions.create(model="tiny-q4", messages=messages, max_tokens=10, temperature=0,
+                                           stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in parts if c.choices) == whole.choices[0].message.content
+
+
+def test_tensor_parallelism_does_not_apply_to_onnx(orion, quantized_dir):
+    result = orion("serve", quantized_dir, "--tp", "2")
+    assert result.exit_code == 2
+    assert "--tp: do not apply to ONNX models" in result.stderr
+    assert "serves in one process" in result.stderr
