@@ -15,6 +15,7 @@ from .. import __version__
 from . import errors as cli_errors
 from .common import STATE, ConfigOpt, JsonOpt, VerboseOpt, reset_state
 from .demo_cmd import demo
+from .merge_cmd import MergeCommand, merge
 from .quantize_cmd import quantize
 from .registry_cmd import models_app, register
 from .serve_cmd import serve
@@ -57,6 +58,7 @@ def main_options(
 
 
 app.command("quantize")(quantize)
+app.command("merge", cls=MergeCommand)(merge)
 app.command("register")(register)
 app.add_typer(models_app)
 app.command("demo")(demo)
