@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .resources import resource_path
@@ -34,6 +34,21 @@ ActivationCodec = Literal["raw", "zstd", "fp16", "bf16", "int8", "fp16+zstd", "b
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _is_a_size(value: str | int) -> str | int:
+    from .errors import UsageError
+    from .sizes import parse_size
+
+    try:
+        parse_size(value)
+    except UsageError:
+        raise ValueError("not a size; write e.g. 500 (MB), 500MB, 2GB or 1.5GiB") from None
+    return value
+
+
+# YAML reads a bare 500 (MB) as a number, so a size is either.
+Size = Annotated[str | int, AfterValidator(_is_a_size)]
 
 
 class QuantizeSettings(_Section):
@@ -61,37 +76,12 @@ class MergeSettings(_Section):
     density: float = Field(gt=0.0, le=1.0)
     seed: int = Field(ge=0, lt=2**32)
     allow_crimes: bool
-    max_shard_size: str | int  # YAML reads a bare 500 (MB) as a number
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _is_a_size(cls, value: str | int) -> str | int:
-        from .errors import UsageError
-        from .sizes import parse_size
-
-        try:
-            parse_size(value)
-        except UsageError:
-            raise ValueError("not a size; write e.g. 500 (MB), 500MB, 2GB or 1.5GiB") from None
-        return value
+    max_shard_size: Size
 
 
 class ShardSettings(_Section):
     shards: int | None = Field(ge=1)
-    max_shard_size: str | int | None  # YAML reads a bare 500 (MB) as a number
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _is_a_size(cls, value: str | int | None) -> str | int | None:
-        from .errors import UsageError
-        from .sizes import parse_size
-
-        if value is not None:
-            try:
-                parse_size(value)
-            except UsageError:
-                raise ValueError("not a size; write e.g. 500 (MB), 500MB, 2GB or 1.5GiB") from None
-        return value
+    max_shard_size: Size | None
 
 
 class ServeSettings(_Section):

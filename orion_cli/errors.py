@@ -7,6 +7,8 @@ exit code. Library callers catch OrionError.
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -49,3 +51,22 @@ class OutputExistsError(OrionError):
 
 class VerificationError(OrionError):
     """Files on disk do not match the hashes or sizes recorded for them."""
+
+
+def describe(exc: BaseException) -> tuple[str, int]:
+    """(one-line message, exit code) for any exception: the table the CLI's error boundary uses."""
+    if isinstance(exc, OrionError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", EXIT_INTERRUPTED
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.filename}: no such file or directory", EXIT_FAILURE
+    if isinstance(exc, PermissionError):
+        return f"{exc.filename}: permission denied", EXIT_FAILURE
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"no space left on device{where}", EXIT_FAILURE
+    if isinstance(exc, MemoryError):
+        return "out of memory; for quantize try --low-cpu-mem, for serve a larger --tp", EXIT_FAILURE
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"unexpected {type(exc).__name__}: {first_line} (run with --verbose for the traceback)", EXIT_FAILURE

@@ -59,3 +59,15 @@ def test_json_errors_are_one_document_on_stdout(orion):
     result = orion("--json", "models", "show", "missing")
     assert result.exit_code == 1
     assert result.json()["error"]["type"] == "RegistryError"
+
+
+def test_ctrl_c_is_reported_as_interrupted_with_exit_130(orion, monkeypatch):
+    from orion_cli.registry import Registry
+
+    def interrupted(self):
+        raise KeyboardInterrupt  # what SIGINT raises wherever the command happens to be
+
+    monkeypatch.setattr(Registry, "entries", interrupted)
+    result = orion("models", "list")
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines()[-1] == "orion: error: interrupted"

@@ -12,6 +12,7 @@ from typing import Annotated, Optional, Sequence
 import typer
 
 from .. import __version__
+from ..errors import EXIT_INTERRUPTED
 from . import errors as cli_errors
 from .common import STATE, ConfigOpt, JsonOpt, VerboseOpt, reset_state
 from .demo_cmd import demo
@@ -73,6 +74,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         result = command.main(args=args, prog_name="orion", standalone_mode=False)
+        if result == EXIT_INTERRUPTED:  # typer turns Ctrl-C into a silent return of 130
+            return cli_errors.report(KeyboardInterrupt(), STATE.verbose, STATE.json)
         return result if isinstance(result, int) else 0
     except typer.Exit as exc:
         return exc.exit_code

@@ -91,7 +91,8 @@ def pick(flag: T | None, default: T) -> T:
 
 
 def stdout_console() -> Console:
-    return Console(soft_wrap=True)
+    # Piped output is read by programs and wide terminals; don't cut tables at 80 columns.
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 def stderr_console() -> Console:
