@@ -5,32 +5,35 @@ from __future__ import annotations
 import pytest
 
 from orion_cli import __version__
+from orion_cli.testing.generated_docs import command_paths
 
 from conftest import orion_process
 
-COMMANDS = [
-    ("register",),
-    ("models",),
-    ("models", "list"),
-    ("models", "show"),
-    ("models", "validate"),
-    ("models", "remove"),
-]
+COMMANDS = list(command_paths())
+GROUPS = {("models",)}
+
+
+def test_the_commands_are_the_documented_ones():
+    assert {path[0] for path in COMMANDS} == {"quantize", "merge", "shard", "register", "models", "serve", "run", "demo"}
+    assert {path for path in COMMANDS if path[0] == "models"} == {("models",), *(("models", c) for c in ("list", "show", "validate", "remove"))}
 
 
 def test_top_level_help_lists_the_commands(orion):
     result = orion("--help")
     assert result.exit_code == 0
-    for name in ("quantize", "merge", "shard", "register", "models", "serve"):
-        assert name in result.stdout
+    listed = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("│ ") and len(line.split()) > 2}
+    assert {"quantize", "merge", "shard", "register", "models", "serve", "run", "demo"} <= listed
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
-def test_every_command_has_help_with_an_example(orion, command):
+def test_every_command_has_help_with_an_example_of_itself(orion, command):
     result = orion(*command, "--help")
     assert result.exit_code == 0, result.stderr
-    assert "Example" in result.stdout or command == ("models",)
     assert "--help" in result.stdout
+    if command not in GROUPS:
+        assert "Example" in result.stdout
+        assert f"orion {' '.join(command)} " in result.stdout, "the examples must show the command itself"
+        assert "--json" in result.stdout, "every command offers --json"
 
 
 def test_version(orion):

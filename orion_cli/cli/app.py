@@ -20,6 +20,7 @@ from .merge_cmd import MergeCommand, merge
 from .quantize_cmd import quantize
 from .registry_cmd import models_app, register
 from .serve_cmd import serve
+from .run_cmd import run as run_command
 from .shard_cmd import shard
 
 app = typer.Typer(
@@ -58,13 +59,15 @@ def main_options(
     STATE.verbose = verbose
 
 
+# In the order `orion --help` lists them: the preparation steps, the registry, serving, then the wrappers.
 app.command("quantize")(quantize)
 app.command("merge", cls=MergeCommand)(merge)
+app.command("shard")(shard)
 app.command("register")(register)
 app.add_typer(models_app)
-app.command("demo")(demo)
-app.command("shard")(shard)
 app.command("serve")(serve)
+app.command("run")(run_command)
+app.command("demo")(demo)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
