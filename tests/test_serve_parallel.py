@@ -7,7 +7,6 @@ tp=1 x pp=2 across two `orion serve` invocations; SIGTERM stops every rank.
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 from pathlib import Path

@@ -6,7 +6,6 @@ Exit codes: 0 success, 1 failure, 2 usage error (bad flags, bad config), 130 int
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated, Optional, Sequence
 
 import typer

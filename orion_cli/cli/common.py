@@ -70,7 +70,6 @@ STATE = CliState()
 
 
 def reset_state() -> None:
-    global STATE
     STATE.__init__()
 
 

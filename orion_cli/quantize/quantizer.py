@@ -25,7 +25,7 @@ from ..progress import NULL_PROGRESS, ProgressReporter, Stopwatch
 from ..provenance import describe_source, make_provenance
 from ..registry import Registry, register_model, resolve_model_ref
 from .blockwise import BlockQuantized, quantize_weight
-from .evaluate import OnnxLM, QualityFigures, compare, token_windows
+from .evaluate import OnnxLM, QualityFigures, compare
 from .export import EXTERNAL_DATA_FILE, MODEL_FILE, check_supported, export_onnx
 from .gptq import quantize_gptq
 from .graph import WeightSite, embedding_block_size, find_weight_sites, read_weight, replace_site
