@@ -52,7 +52,7 @@ def build_models(root: Path) -> dict[str, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import torch
-    from orion_cli.testing.tiny_models import tiny_tokenizer
+    from orion_cli.reference.tokenizer import corpus_tokenizer as tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     models = {}
@@ -121,7 +121,7 @@ def speed_study(workdir: Path, repeats: int) -> dict:
 
 def corpus_halves() -> dict[str, dict[str, list[Path]]]:
     """The stdlib's top-level packages and modules, alphabetically, cut at half the bytes."""
-    from orion_cli.corpus import corpus_files, split_of, stdlib_root
+    from orion_cli.reference.corpus import corpus_files, split_of, stdlib_root
 
     root = stdlib_root()
     by_top: dict[str, list[Path]] = {}
@@ -140,7 +140,7 @@ def corpus_halves() -> dict[str, dict[str, list[Path]]]:
 
 
 def describe_halves(halves) -> dict:
-    from orion_cli.corpus import stdlib_root
+    from orion_cli.reference.corpus import stdlib_root
 
     root = stdlib_root()
     out = {}

@@ -292,7 +292,7 @@ def random_llama(directory: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from orion_cli.testing.tiny_models import tiny_tokenizer
+    from orion_cli.reference.tokenizer import corpus_tokenizer as tiny_tokenizer
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**RSS_CONFIG)).save_pretrained(directory, max_shard_size="10GB")

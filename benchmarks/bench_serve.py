@@ -51,8 +51,8 @@ def build_model(path: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
-    from orion_cli.corpus import corpus_text
-    from orion_cli.testing.tokenizer import EOS, PAD, train_tokenizer
+    from orion_cli.reference.corpus import corpus_text
+    from orion_cli.reference.tokenizer import EOS, PAD, train_tokenizer
 
     tokenizer = train_tokenizer(corpus_text("train", 2_000_000), 16384)
     eos, pad = tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(PAD)

@@ -12,58 +12,14 @@ and not the model's.
 from __future__ import annotations
 
 import json
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import ModelDirError
 from .modeldir import MANIFEST_FILE
+from .weights import TensorInfo, read_safetensors_header
 
 HF_INDEX_FILE = "model.safetensors.index.json"
-
-# safetensors dtype names -> bytes per element
-DTYPE_SIZES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where a tensor lies in a safetensors file, read from its header alone."""
-
-    name: str
-    file: Path
-    dtype: str  # safetensors dtype name, e.g. "F32"
-    shape: tuple[int, ...]
-    start: int  # absolute byte offsets in the file
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Tensors (in the order their bytes lie in the file) and the header's __metadata__."""
-    try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100 * 2**20:
-                raise ValueError("header larger than 100 MiB")
-            header = json.loads(handle.read(length))
-    except (OSError, ValueError, struct.error) as exc:
-        raise ModelDirError(f"{path}: not a readable safetensors file ({exc})") from None
-    base = 8 + length
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = [
-        TensorInfo(name, Path(path), info["dtype"], tuple(info["shape"]),
-                   base + info["data_offsets"][0], base + info["data_offsets"][1])
-        for name, info in header.items()
-    ]
-    tensors.sort(key=lambda t: t.start)
-    return {t.name: t for t in tensors}, metadata
 
 
 class _TensorSlice:

@@ -10,11 +10,7 @@ completion over HTTP on 127.0.0.1, and is stopped with SIGTERM.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +71,7 @@ def run_demo(workdir: Path, cache_dir: Path, settings: Any, *, tp: int = 2, forc
     outputs = {r.id: r.output for r in reports if r.output}
 
     reference_dir = ctx.reference_model()
-    reference_meta = inspect_model_dir(reference_dir).metadata or {}
+    reference = inspect_model_dir(reference_dir)
     quantized_meta = json.loads((Path(outputs["quantize"]) / "metadata.json").read_text())
     entries = Registry(registry_path).entries()
     with progress.stage(f"Serving {SERVED_KEY} with tp={tp} and asking one chat completion"):
@@ -86,8 +82,8 @@ def run_demo(workdir: Path, cache_dir: Path, settings: Any, *, tp: int = 2, forc
         workdir=workdir,
         registry=registry_path,
         steps=[r.as_dict() for r in reports],
-        reference={"path": str(reference_dir), "size_mb": _mb(inspect_model_dir(reference_dir).weight_bytes),
-                   **reference_meta.get("reference", {})},
+        reference={"path": str(reference_dir), "size_mb": _mb(reference.weight_bytes),
+                   **(reference.metadata or {}).get("reference", {})},
         quantized={"key": QUANTIZED_KEY, "path": outputs["quantize"], "size_mb": entries[QUANTIZED_KEY]["size_mb"],
                    "level": quantized_meta["quantization"]["level"], "bits": quantized_meta["quantization"]["bits"],
                    "reduction_percent": quantized_meta["sizes"]["reduction_percent"], "quality": quality},
@@ -104,22 +100,22 @@ def _mb(n: int) -> float:
 
 
 def ask_one_question(registry_path: Path, key: str, tp: int, backend: str) -> dict[str, Any]:
-    """Start `orion serve` as its own process group, ask one chat completion, stop it with SIGTERM."""
+    """Start `orion serve` as a child process, ask one chat completion, stop it with SIGTERM."""
     import httpx
 
-    command = [sys.executable, "-m", "orion_cli", "serve", key, "--registry", str(registry_path), "--tp", str(tp),
-               "--host", "127.0.0.1", "--port", "0", "--backend", backend, "--json"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
-    stderr_tail: list[str] = []
-    events: list[dict[str, Any]] = []
-    threading.Thread(target=_keep_tail, args=(server.stderr, stderr_tail), daemon=True).start()
-    threading.Thread(target=_read_events, args=(server.stdout, events), daemon=True).start()
-    try:
-        ready = _wait_ready(server, events, stderr_tail)
-        url = ready["url"]
+    from .serve.process import ServerProcess
+
+    server = ServerProcess(key, "--registry", registry_path, "--tp", tp, "--host", "127.0.0.1", "--port", "0",
+                           "--backend", backend)
+    with server:
+        try:
+            ready = server.wait_event("ready", SERVER_START_TIMEOUT)
+        except RuntimeError:
+            why = next((l for l in reversed(server.stderr_lines) if "error" in l.lower()),
+                       server.stderr_lines[-1] if server.stderr_lines else "no output")
+            raise DemoError(f"orion serve did not become ready: {why}") from None
         started = time.perf_counter()
-        response = httpx.post(f"{url}/v1/chat/completions", timeout=REQUEST_TIMEOUT, json={
+        response = httpx.post(f"{ready['url']}/v1/chat/completions", timeout=REQUEST_TIMEOUT, json={
             "model": ready.get("model", key), "messages": [{"role": "user", "content": PROMPT}],
             "max_tokens": MAX_TOKENS, "temperature": 0,
         })
@@ -127,55 +123,13 @@ def ask_one_question(registry_path: Path, key: str, tp: int, backend: str) -> di
         if response.status_code != 200:
             raise DemoError(f"orion serve answered HTTP {response.status_code}: {response.text[:200]}")
         body = response.json()
-        tokens = body["usage"]["completion_tokens"]
-        answer = body["choices"][0]["message"]["content"]
-        stopped_by = _stop(server)
-        time.sleep(0.2)  # the reader takes the server's last line
-        stopped = next((e for e in events if e.get("event") == "stopped"), {})
-        return {"url": url, "tp": tp, "backend": ready.get("backend"), "prompt": PROMPT, "answer": answer,
-                "completion_tokens": tokens, "seconds": round(seconds, 3),
-                "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
-                "stopped_by": stopped.get("stopped_by") or stopped_by, "drained": stopped.get("drained")}
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-
-
-def _keep_tail(stream, tail: list[str]) -> None:
-    for line in stream:
-        tail.append(line.rstrip())
-        del tail[:-20]
-
-
-def _read_events(stream, events: list[dict[str, Any]]) -> None:
-    for line in stream:
+        server.stop(signal.SIGTERM)
         try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-
-
-def _wait_ready(server: subprocess.Popen, events: list[dict[str, Any]], stderr_tail: list[str]) -> dict[str, Any]:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        for event in events:
-            if event.get("event") == "ready":
-                return event
-        if server.poll() is not None:
-            time.sleep(0.2)  # let the readers drain
-            why = next((l for l in reversed(stderr_tail) if "error" in l.lower()), stderr_tail[-1] if stderr_tail else "")
-            raise DemoError(f"orion serve exited with code {server.returncode} before it was ready: {why}")
-        time.sleep(0.1)
-    raise DemoError(f"orion serve was not ready after {SERVER_START_TIMEOUT:.0f} s")
-
-
-def _stop(server: subprocess.Popen) -> str:
-    server.send_signal(signal.SIGTERM)
-    try:
-        server.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-        return "SIGKILL"
-    return "SIGTERM"
+            stopped = server.wait_event("stopped", 10)
+        except RuntimeError:  # killed before it could say how it stopped
+            stopped = {}
+    tokens = body["usage"]["completion_tokens"]
+    return {"url": ready["url"], "tp": tp, "backend": ready.get("backend"), "prompt": PROMPT,
+            "answer": body["choices"][0]["message"]["content"], "completion_tokens": tokens,
+            "seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None,
+            "stopped_by": stopped.get("stopped_by"), "drained": stopped.get("drained")}

@@ -29,10 +29,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import yaml
 
-from .atomic import atomic_output_dir, check_output_free
+from .atomic import atomic_output_dir, check_output
 from .checkpoint import CheckpointReader
 from .config import read_yaml_mapping
 from .errors import ConfigError, UnsupportedModelError, UsageError
+from .merge_verify import check_complete, inferred_architecture, uncovered_tensors
 from .modeldir import METADATA_FILE, SUPPORT_FILES, ModelDir, copy_support_files, inspect_model_dir
 from .progress import NULL_PROGRESS, ProgressReporter
 from .provenance import describe_source, make_provenance
@@ -141,10 +142,10 @@ def merge_models(
     started = time.perf_counter()
     ratios = _check_flags(models, ratios, method, base, density, seed, dtype)
     shard_bytes = parse_size(max_shard_size, flag="merge.max_shard_size")
-    _check_outputs(output, force, register, registry_path)
     inputs = [_resolve("--models", str(ref), registry_path) for ref in models]
     _check_distinct(inputs)
     base_input = _resolve("--base", str(base), registry_path) if base is not None else inputs[0]
+    _check_outputs(output, force, register, registry_path, inputs + [base_input])
     plan = _plan_from_flags(inputs, ratios, method, base_input, density, seed, dtype, [str(m) for m in models], base)
     plan.parameters["allow_crimes"] = allow_crimes
     return _execute(plan, output, seed=seed, allow_crimes=allow_crimes, force=force, register=register,
@@ -243,7 +244,6 @@ def merge_from_config(
         raise UsageError(f"--seed {seed}: must be in [0, 2^32)")
     shard_bytes = parse_size(max_shard_size, flag="merge.max_shard_size")
     raw = read_yaml_mapping(config_file, what="merge config")
-    _check_outputs(output, force, register, registry_path)
 
     found: dict[Path, MergeInput] = {}
 
@@ -262,6 +262,7 @@ def merge_from_config(
         if Path(ref.model.path).resolve() not in found:
             raise ConfigError(f"merge config {config_file}: model {ref.model.path!r}: write models as strings or {{model: PATH}}")
     inputs = list(found.values())
+    _check_outputs(output, force, register, registry_path, inputs, [("--config", config_file)])
     donor_path = Path(_first_model(merge_config).model.path).resolve()
     parameters = {
         "config_file": str(config_file.absolute()),
@@ -360,15 +361,18 @@ def _validated(data: dict[str, Any], where: str):
 # -- shared checks ------------------------------------------------------------
 
 
-def _check_outputs(output, force: bool, register: str | None, registry_path) -> None:
-    check_output_free(Path(output).absolute(), force)
+def _check_outputs(output, force: bool, register: str | None, registry_path, inputs: list[MergeInput],
+                   others: Sequence[tuple[str, Path]] = ()) -> None:
+    """Before any work: the output is free and none of the inputs (nor inside or around one), the key is free."""
+    named = [(item.flag, item.model.root) for item in inputs] + [(item.flag, item.path) for item in inputs]
+    check_output(Path(output), force, [*named, *others])
     if register:
         Registry(registry_path).check_key_free(register, force)
 
 
 def _resolve(flag: str, ref: str, registry_path) -> MergeInput:
     path, key = resolve_model_ref(ref, registry_path, flag=flag)
-    model = inspect_model_dir(path, flag=flag)
+    model = inspect_model_dir(path, flag=flag).check_weights()
     if model.format == "onnx":
         raise UnsupportedModelError(f"{flag} {ref}: ONNX weights cannot be merged; merge the safetensors model it was exported from")
     return MergeInput(flag=flag, ref=ref, model=model, key=key)
@@ -386,12 +390,14 @@ def _check_distinct(inputs: list[MergeInput]) -> None:
                 raise UsageError(f"--models: {what}")
 
 
-def check_compatible(inputs: Sequence[MergeInput], whole_models: bool = True) -> None:
+def check_compatible(inputs: Sequence[MergeInput], whole_models: bool = True,
+                     shapes_of: Sequence[dict[str, tuple[int, ...]]] | None = None) -> None:
     """Same architecture and same tensor shapes, from config.json and the weights' headers.
 
     Raises UnsupportedModelError naming the first tensor that differs and both shapes.
     With whole_models, every input must also hold the same tensor names.
     """
+    shapes_of = list(shapes_of) if shapes_of is not None else [_tensor_shapes(item) for item in inputs]
     first = inputs[0]
     for other in inputs[1:]:
         if other.model.architecture != first.model.architecture:
@@ -399,9 +405,8 @@ def check_compatible(inputs: Sequence[MergeInput], whole_models: bool = True) ->
                 f"{other.label}: architecture {other.model.architecture} differs from {first.model.architecture} "
                 f"of {first.label}; pass --allow-crimes to merge them anyway"
             )
-    reference = _tensor_shapes(first)
-    for other in inputs[1:]:
-        shapes = _tensor_shapes(other)
+    reference = shapes_of[0]
+    for other, shapes in zip(inputs[1:], shapes_of[1:]):
         for name, shape in reference.items():
             if name not in shapes:
                 if whole_models:
@@ -446,9 +451,10 @@ def _ref(path: Path) -> str | dict[str, Any]:
 
 def _execute(plan: _Plan, output, *, seed, allow_crimes, force, register, registry_path, shard_bytes,
              progress: ProgressReporter, started: float) -> MergeResult:
+    input_shapes = [_tensor_shapes(item) for item in plan.inputs]
     if not allow_crimes and len(plan.inputs) > 1:
         with progress.stage("Checking architectures and tensor shapes"):
-            check_compatible(plan.inputs, plan.whole_models)
+            check_compatible(plan.inputs, plan.whole_models, input_shapes)
     recorded = _validated(plan.config, "merge configuration")  # before anything is written
     config_text = yaml.safe_dump(plan.config, sort_keys=False)
     mergekit_version = _mergekit_version()
@@ -458,13 +464,16 @@ def _execute(plan: _Plan, output, *, seed, allow_crimes, force, register, regist
 
     hashing = _Hashing(plan.inputs)
     hashing.start()  # hashlib releases the GIL: the inputs are hashed while mergekit reads them
-    with atomic_output_dir(final, force) as tmp, contextlib.ExitStack() as views:
+    inputs = [(item.flag, item.path) for item in plan.inputs]
+    with atomic_output_dir(final, force, inputs=inputs) as tmp, contextlib.ExitStack() as views:
         executed = _with_views(plan, views)
         with progress.stage(f"Merging {len(plan.inputs)} models ({plan.config['merge_method']}) with mergekit"):
             # A chat_template alone makes mergekit re-save the donor's tokenizer with it.
             only_template = recorded.chat_template and not (recorded.tokenizer_source or recorded.tokenizer)
+            shared = set.intersection(*(set(shapes) for shapes in input_shapes)) if plan.whole_models else set()
             _run_mergekit(executed, tmp, allow_crimes=allow_crimes, seed=seed, shard_bytes=shard_bytes,
-                          copy_tokenizer=bool(only_template))
+                          copy_tokenizer=bool(only_template), shared_tensors=shared)
+            check_complete(tmp, input_shapes, plan.whole_models)
         skip = {"config.json", *os.listdir(tmp)}
         if plan.mergekit_tokenizer:
             skip |= set(SUPPORT_FILES) - {"generation_config.json"}
@@ -551,7 +560,7 @@ def _indexed_view(item: MergeInput, stack: contextlib.ExitStack) -> Path:
 
 
 def _run_mergekit(config: dict[str, Any], out_dir: Path, *, allow_crimes: bool, seed: int, shard_bytes: int,
-                  copy_tokenizer: bool) -> None:
+                  copy_tokenizer: bool, shared_tensors: set[str]) -> None:
     from mergekit.config import MergeConfiguration
     from mergekit.io.tasks import LoaderCache
     from mergekit.merge import run_merge
@@ -567,9 +576,14 @@ def _run_mergekit(config: dict[str, Any], out_dir: Path, *, allow_crimes: bool, 
         device="cpu",
         quiet=True,
     )
+    merge_config = MergeConfiguration.model_validate(config)
     try:
-        with _preserved_rng():
-            run_merge(MergeConfiguration.model_validate(config), str(out_dir), options=options)
+        missed = uncovered_tensors(merge_config, options, shared_tensors) if shared_tensors else set()
+        if missed:
+            log.info("mergekit's description of this architecture misses %s; merging with the architecture it "
+                     "infers from the checkpoints instead", ", ".join(sorted(missed)[:4]))
+        with _preserved_rng(), (inferred_architecture(merge_config, options) if missed else contextlib.nullcontext()):
+            run_merge(merge_config, str(out_dir), options=options)
     except (RuntimeError, ValueError, KeyError, AssertionError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UnsupportedModelError(f"mergekit could not merge these models: {first_line}") from exc

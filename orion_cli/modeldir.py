@@ -77,6 +77,13 @@ class ModelDir:
     def support_files(self) -> list[Path]:
         return [self.path / name for name in SUPPORT_FILES if (self.path / name).is_file()]
 
+    def check_weights(self) -> "ModelDir":
+        """Raise ModelDirError naming the first weight file that is truncated, empty or not what it claims."""
+        from .weights import check_weight_files
+
+        check_weight_files(self.weight_files)
+        return self
+
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:

@@ -265,7 +265,7 @@ class RunContext:
 
     def reference_model(self) -> Path:
         """The built-in reference model; a dry run names its cache directory without building it."""
-        from .reference import ensure_reference_model, reference_model_dir
+        from .reference.model import ensure_reference_model, reference_model_dir
 
         if self.dry_run:
             return reference_model_dir(self.cache_dir)

@@ -7,18 +7,20 @@ not JSON or fails the schema is reported and never rewritten.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-import re
 import json
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jsonschema
 from filelock import FileLock, Timeout
 
 from .atomic import atomic_write_text
-from .errors import RegistryError, UnsupportedModelError
+from .errors import OrionError, RegistryError, UnsupportedModelError
 from .modeldir import ModelDir, hash_files, inspect_model_dir, sha256_file
 from .provenance import utc_now
 from .resources import resource_path
@@ -72,17 +74,40 @@ class Registry:
     def folder(self) -> Path:
         return self.path.absolute().parent
 
-    def _lock(self) -> FileLock:
-        return FileLock(str(self.folder / f".{self.path.name}.lock"), timeout=LOCK_TIMEOUT_S)
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the registry's inter-process lock; its lock file goes with the last holder.
+
+        The file is unlinked while still locked: a process already waiting on it
+        finds its inode unlinked once it gets the lock, and filelock starts it over
+        on a fresh file, so the lock never guards a name it lost.
+        """
+        path = self.folder / f".{self.path.name}.lock"
+        held: list[int] = []
+        lock = FileLock(str(path), timeout=LOCK_TIMEOUT_S, on_acquired=held.append)
+        try:
+            with lock:
+                try:
+                    yield
+                finally:
+                    with contextlib.suppress(OSError):
+                        if held and os.path.samestat(os.fstat(held[-1]), os.lstat(path)):
+                            path.unlink()
+        except Timeout:
+            raise RegistryError(f"registry {self.path}: another process holds its lock") from None
 
     # -- reading -------------------------------------------------------------
 
-    def read(self) -> dict[str, Any]:
-        """The whole validated document; an absent registry reads as empty."""
+    def read(self, missing_ok: bool = True) -> dict[str, Any]:
+        """The whole validated document; an absent registry reads as empty, or with missing_ok=False is an error."""
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
+            if not missing_ok:
+                raise RegistryError(self.missing_message()) from None
             return {"models": {}}
+        except IsADirectoryError:
+            raise RegistryError(f"registry {self.path}: is a directory, not a JSON file") from None
         except OSError as exc:
             raise RegistryError(f"registry {self.path}: cannot read it ({exc.strerror})") from None
         try:
@@ -95,11 +120,14 @@ class Registry:
         check_document(document, f"registry {self.path}")
         return document
 
-    def entries(self) -> dict[str, dict[str, Any]]:
-        return self.read()["models"]
+    def missing_message(self) -> str:
+        return f"registry {self.path}: no such file (orion register creates it)"
+
+    def entries(self, missing_ok: bool = True) -> dict[str, dict[str, Any]]:
+        return self.read(missing_ok)["models"]
 
     def get(self, key: str) -> dict[str, Any]:
-        entries = self.entries()
+        entries = self.entries(missing_ok=False)
         if key not in entries:
             raise RegistryError(self._unknown_key_message(key, entries))
         return entries[key]
@@ -134,29 +162,22 @@ class Registry:
             raise RegistryError(f"registry {self.path}: key '{key}' already exists; pass --force to replace it")
 
     def put(self, key: str, entry: dict[str, Any], force: bool = False) -> None:
-        try:
-            with self._lock():
-                document = self.read()
-                if key in document["models"] and not force:
-                    raise RegistryError(
-                        f"registry {self.path}: key '{key}' already exists; pass --force to replace it"
-                    )
-                document["models"][key] = entry
-                self._write(document)
-        except Timeout:
-            raise RegistryError(f"registry {self.path}: another process holds its lock") from None
+        with self._locked():
+            document = self.read()
+            if key in document["models"] and not force:
+                raise RegistryError(f"registry {self.path}: key '{key}' already exists; pass --force to replace it")
+            document["models"][key] = entry
+            self._write(document)
 
     def remove(self, key: str) -> dict[str, Any]:
-        try:
-            with self._lock():
-                document = self.read()
-                if key not in document["models"]:
-                    raise RegistryError(self._unknown_key_message(key, document["models"]))
-                entry = document["models"].pop(key)
-                self._write(document)
-                return entry
-        except Timeout:
-            raise RegistryError(f"registry {self.path}: another process holds its lock") from None
+        self.read(missing_ok=False)  # a missing or broken registry is reported before any lock is taken
+        with self._locked():
+            document = self.read(missing_ok=False)
+            if key not in document["models"]:
+                raise RegistryError(self._unknown_key_message(key, document["models"]))
+            entry = document["models"].pop(key)
+            self._write(document)
+            return entry
 
     def _write(self, document: dict[str, Any]) -> None:
         check_document(document, f"new contents of registry {self.path}")
@@ -165,9 +186,9 @@ class Registry:
     # -- checking ------------------------------------------------------------
 
     def problems(self, check_files: bool = False) -> list[str]:
-        """Entries whose paths are missing or, with check_files, whose files changed."""
+        """Entries whose paths are missing or, with check_files, whose files changed or are not sound weights."""
         found = []
-        for key, entry in self.entries().items():
+        for key, entry in self.entries(missing_ok=False).items():
             base = entry["urls"]["base"]
             if "://" in base:
                 continue  # remote locations are not ours to check
@@ -186,6 +207,10 @@ class Registry:
                         found.append(f"{where}: {record['path']} is missing")
                     elif file.stat().st_size != record["bytes"] or sha256_file(file) != record["sha256"]:
                         found.append(f"{where}: {record['path']} does not match its sha256")
+                try:
+                    inspect_model_dir(base_path, flag=json_path("models", key, "urls", "base")).check_weights()
+                except OrionError as exc:
+                    found.append(f"{json_path('models', key)}: {exc}")
         return found
 
 
@@ -201,6 +226,9 @@ def resolve_model_ref(ref: str | Path, registry_path: str | Path, flag: str = "-
     if path.exists():
         return path, None
     registry = Registry(registry_path)
+    if not registry.path.exists():
+        raise RegistryError(f"{flag} {ref}: neither a directory nor a key in registry {registry.path} "
+                            "(which does not exist)")
     entries = registry.entries()
     key = str(ref)
     if key in entries:
@@ -223,7 +251,7 @@ def build_entry(
     description: str | None = None,
 ) -> dict[str, Any]:
     """A registry entry filled from what the model directory holds, files hashed."""
-    model = inspect_model_dir(model_dir, flag="PATH")
+    model = inspect_model_dir(model_dir, flag="PATH").check_weights()
     if not _is_causal_lm(model):
         raise UnsupportedModelError(
             f"PATH {model_dir}: architecture {model.architecture!r} is not a causal LM; the registry holds causal-lm models"

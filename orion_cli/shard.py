@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .atomic import atomic_output_dir, check_output_free
-from .checkpoint import DTYPE_SIZES, CheckpointReader, read_safetensors_header
+from .atomic import atomic_output_dir, check_output
+from .checkpoint import CheckpointReader
 from .errors import ModelDirError, UnsupportedModelError, UsageError
 from .modeldir import ModelDir, copy_support_files, inspect_model_dir, sha256_file
 from .progress import NULL_PROGRESS, ProgressReporter
@@ -36,6 +36,7 @@ from .shard_plan import (
     GROUP_EMBEDDINGS, GROUP_HEAD, GROUP_NAMES, execution_order, layer_index, split_by_limit, split_into, tensor_group,
 )
 from .sizes import format_size, parse_size
+from .weights import check_safetensors_file, read_safetensors_header
 
 __all__ = ["ShardInfo", "ShardRecord", "ShardResult", "iter_shards", "shard_model", "verify_sharded_dir"]
 
@@ -73,11 +74,10 @@ def shard_model(
     started = time.perf_counter()
     limit = _check_strategy(shards, max_shard_size)
     model_path, key = resolve_model_ref(model, registry)
-    source_dir = inspect_model_dir(model_path)
+    source_dir = inspect_model_dir(model_path).check_weights()
     output = Path(output) if output is not None else Path(output_root) / f"{source_dir.root.absolute().name}-sharded"
-    if output.resolve() in (source_dir.root.resolve(), source_dir.path.resolve()):
-        raise UsageError(f"--output {output}: is the source model; write the shards elsewhere")
-    check_output_free(output, force)
+    inputs = [("--model", source_dir.root), ("--model", source_dir.path)]
+    check_output(output, force, inputs)
     if register:
         Registry(registry).check_key_free(register, force)
 
@@ -103,7 +103,7 @@ def shard_model(
     plan = _plan(tensors, shards, limit, source_dir.format, metadata, warnings)
 
     try:
-        with atomic_output_dir(output, force) as tmp:
+        with atomic_output_dir(output, force, inputs=inputs) as tmp:
             records, source = _write_shards(tmp, plan, source_dir, key, progress)
             model_file = None
             if onnx_source is not None:
@@ -150,9 +150,8 @@ def _checkpoint_tensors(reader: CheckpointReader, weight_format: str) -> tuple[l
     if weight_format == "safetensors":
         metadata: dict[str, str] = {}
         for file in reader.files:
-            infos, file_metadata = read_safetensors_header(file)
-            metadata.update(file_metadata)
-            _check_safetensors_sizes(file, infos.values())
+            metadata.update(read_safetensors_header(file)[1])
+            check_safetensors_file(file)
         tensors = []
         for name in reader.names():
             info = reader.info(name)
@@ -160,19 +159,6 @@ def _checkpoint_tensors(reader: CheckpointReader, weight_format: str) -> tuple[l
                                         tensor_group(name), file=info.file, start=info.start))
         return tensors, metadata
     return [_bin_tensor(reader, name) for name in reader.names()], {}
-
-
-def _check_safetensors_sizes(file: Path, infos) -> None:
-    size = file.stat().st_size
-    for info in infos:
-        expected = DTYPE_SIZES.get(info.dtype)
-        count = 1
-        for dim in info.shape:
-            count *= dim
-        if expected is not None and count * expected != info.nbytes:
-            raise ModelDirError(f"{file}: tensor {info.name} has {info.nbytes} bytes for shape {list(info.shape)} of {info.dtype}")
-        if info.end > size:
-            raise ModelDirError(f"{file}: tensor {info.name} ends at byte {info.end} but the file has {size}; truncated?")
 
 
 def _bin_tensor(reader: CheckpointReader, name: str) -> SourceTensor:

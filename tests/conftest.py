@@ -74,7 +74,7 @@ def orion():
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One tiny random-init checkpoint per architecture, built once per session."""
-    from orion_cli.testing.tiny_models import ARCHITECTURES, build_tiny_model
+    from tiny_models import ARCHITECTURES, build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {arch: build_tiny_model(arch, root / arch) for arch in ARCHITECTURES}

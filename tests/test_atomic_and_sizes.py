@@ -66,6 +66,65 @@ def test_atomic_write_text_replaces_whole_file(area):
     assert os.listdir(area) == ["a.json"]
 
 
+
+def test_a_failed_run_removes_the_parent_folders_it_created(area):
+    target = area / "a" / "b" / "c" / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(target) as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("failed in the middle")
+    assert os.listdir(area) == []
+    (area / "a").mkdir()
+    (area / "a" / "keep").write_text("mine")
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(target):
+            raise RuntimeError("failed again")
+    assert sorted(p.name for p in area.rglob("*")) == ["a", "keep"]  # a folder the user had stays
+
+
+@pytest.mark.parametrize("umask, directory_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_outputs_follow_the_umask(area, umask, directory_mode, file_mode):
+    previous = os.umask(umask)
+    try:
+        with atomic_output_dir(area / "out") as tmp:
+            (tmp / "weights").write_text("w")
+        atomic_write_text(area / "models.json", "{}")
+    finally:
+        os.umask(previous)
+    assert (area / "out").stat().st_mode & 0o777 == directory_mode
+    assert (area / "models.json").stat().st_mode & 0o777 == file_mode
+
+
+def test_a_replaced_file_keeps_its_mode(area):
+    path = area / "models.json"
+    path.write_text("{}")
+    path.chmod(0o600)
+    atomic_write_text(path, '{"models": {}}')
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_unwritable_folder_is_named_by_its_flag_not_by_a_hidden_path(area):
+    """A real EPERM: root ignores modes, but not the immutable attribute (skipped where chattr is refused)."""
+    import subprocess
+
+    from orion_cli.atomic import OutputPermissionError
+
+    locked = area / "locked"
+    locked.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not permitted here")
+    try:
+        with pytest.raises(OutputPermissionError) as caught:
+            with atomic_output_dir(locked / "out", flag="--output"):
+                pass
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    message = str(caught.value)
+    assert message.startswith(f"--output {locked / 'out'}: permission denied")
+    assert ".orion-tmp-" not in message
+    assert os.listdir(locked) == []
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from orion_cli.checkpoint import CheckpointReader, read_safetensors_header
+from orion_cli.checkpoint import CheckpointReader
+from orion_cli.weights import read_safetensors_header
 from orion_cli.errors import ModelDirError
 
 

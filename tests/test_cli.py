@@ -51,11 +51,11 @@ def test_usage_errors_exit_2(orion):
 def test_errors_are_one_line_without_traceback_unless_verbose():
     quiet = orion_process("models", "show", "missing", "--registry", "absent.json")
     assert quiet.returncode == 1
-    assert quiet.stderr.strip() == "orion: error: registry absent.json: no model with key 'missing'"
+    assert quiet.stderr.strip() == "orion: error: registry absent.json: no such file (orion register creates it)"
     loud = orion_process("--verbose", "models", "show", "missing", "--registry", "absent.json")
     assert loud.returncode == 1
     assert "Traceback" in loud.stderr
-    assert loud.stderr.strip().endswith("orion: error: registry absent.json: no model with key 'missing'")
+    assert loud.stderr.strip().endswith("orion: error: registry absent.json: no such file (orion register creates it)")
 
 
 def test_json_errors_are_one_document_on_stdout(orion):
@@ -67,7 +67,7 @@ def test_json_errors_are_one_document_on_stdout(orion):
 def test_ctrl_c_is_reported_as_interrupted_with_exit_130(orion, monkeypatch):
     from orion_cli.registry import Registry
 
-    def interrupted(self):
+    def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt  # what SIGINT raises wherever the command happens to be
 
     monkeypatch.setattr(Registry, "entries", interrupted)

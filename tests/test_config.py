@@ -86,6 +86,8 @@ def test_precedence_through_the_cli(orion, tmp_path, monkeypatch):
     """CLI flag > ORION_* > --config FILE > default, observed on the registry path."""
     config = tmp_path / "c.yaml"
     config.write_text("registry: from-file.json\n")
+    for name in ("models.json", "from-file.json", "from-env.json", "from-flag.json"):
+        Path(name).write_text('{"models": {}}\n')
 
     def registry_used(*args):
         result = orion(*args, "models", "list", "--json")

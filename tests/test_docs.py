@@ -185,7 +185,7 @@ EXECUTED_PAGES = sorted({b.page for b in ALL if b.marked})
 @pytest.fixture(scope="module")
 def docs_models(tmp_path_factory, tiny_models) -> Path:
     """The model names the docs' executed examples use, as tiny models."""
-    from orion_cli.testing.tiny_models import build_tiny_model
+    from tiny_models import build_tiny_model
 
     root = tmp_path_factory.mktemp("docs-models")
     (root / "models").mkdir()

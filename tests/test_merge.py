@@ -20,7 +20,7 @@ from conftest import REPO_ROOT
 @pytest.fixture(scope="session")
 def variants(tmp_path_factory) -> dict[str, Path]:
     """Three tiny Llamas with different weights, and a Mistral of the same shapes."""
-    from orion_cli.testing.tiny_models import build_tiny_model
+    from tiny_models import build_tiny_model
 
     root = tmp_path_factory.mktemp("merge-variants")
     built = {f"llama{seed}": build_tiny_model("llama", root / f"llama{seed}", seed=seed) for seed in (1, 2, 3)}
@@ -123,7 +123,7 @@ def test_merged_model_loads_in_transformers_and_generates(orion, variants):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from orion_cli.checkpoint import read_safetensors_header
+    from orion_cli.weights import read_safetensors_header
 
     result = orion("merge", "--models", variants["llama1"], variants["llama2"], "--method", "ties",
                    "--dtype", "bfloat16", "-o", "bf16")
@@ -423,3 +423,42 @@ def test_shipped_merge_examples_run(orion, variants, example):
         for layer, (attention, mlp) in enumerate(((chat, code), (code, chat))):
             for name in (f"model.layers.{layer}.self_attn.q_proj.weight", f"model.layers.{layer}.mlp.up_proj.weight"):
                 assert torch.equal(merged[name], (attention if "self_attn" in name else mlp)[name]), name
+
+
+# -- every architecture's every tensor ---------------------------------------------------
+
+from tiny_models import ARCHITECTURES  # noqa: E402
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_tensor_of_every_architecture_is_merged(orion, tiny_models, tmp_path, arch):
+    """mergekit's descriptions miss OLMo2's q/k norms and Gemma's untied head; none may be dropped."""
+    import torch
+
+    from tiny_models import build_tiny_model
+
+    first, second = tiny_models[arch], build_tiny_model(arch, tmp_path / "second", seed=1)
+    result = orion("merge", "--models", first, second, "--output", "out")
+    assert result.exit_code == 0, result.stderr
+    merged, a, b = load_weights(Path("out")), load_weights(first), load_weights(second)
+    assert set(merged) == set(a)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, (a[name] + b[name]) / 2, rtol=1e-6, atol=1e-6, msg=name)
+    tie = lambda d: json.loads((Path(d) / "config.json").read_text()).get("tie_word_embeddings")  # noqa: E731
+    assert tie("out") == tie(first)
+
+
+@pytest.mark.slow
+def test_a_merge_that_would_drop_tensors_fails_and_writes_nothing(orion, tiny_models, tmp_path, monkeypatch):
+    """The check after the merge: with mergekit left to its own description of OLMo2, the q/k norms go missing."""
+    import orion_cli.merge
+
+    from tiny_models import build_tiny_model
+
+    monkeypatch.setattr(orion_cli.merge, "uncovered_tensors", lambda *args: set())
+    second = build_tiny_model("olmo2", tmp_path / "second", seed=1)
+    result = orion("merge", "--models", tiny_models["olmo2"], second, "--output", "deep/er/out")
+    assert result.exit_code == 1
+    assert "lacks tensor model.layers.0.self_attn.q_norm.weight" in result.stderr, result.stderr
+    assert not Path("deep").exists()

@@ -10,7 +10,7 @@ import pytest
 
 from orion_cli.registry import Registry
 from orion_cli.resources import configs_dir
-from orion_cli.testing.tiny_models import build_tiny_model
+from tiny_models import build_tiny_model
 
 SHARD_AND_REGISTER = """\
 pipeline: small

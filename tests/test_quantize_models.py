@@ -138,7 +138,7 @@ def test_cli_test_figures_are_measured_against_fp32(cli_run):
     assert quality["perplexity_change"] == pytest.approx(quality["perplexity"] / quality["perplexity_fp32"] - 1, abs=1e-5)
 
     # recompute the KL divergence from the two models on disk, independently of the command
-    from orion_cli.corpus import corpus_text
+    from orion_cli.reference.corpus import corpus_text
     from orion_cli.quantize.evaluate import token_windows
     from transformers import AutoTokenizer
 
@@ -185,7 +185,7 @@ def test_a_failure_midway_leaves_no_output(orion, tiny_models, tmp_path):
 
 
 def test_eval_text_calibrates_and_evaluates_on_disjoint_windows(tiny_models, tmp_path):
-    from orion_cli.corpus import corpus_text
+    from orion_cli.reference.corpus import corpus_text
 
     text = tmp_path / "eval.txt"
     text.write_text(corpus_text("heldout", 120_000))

@@ -8,6 +8,7 @@ and that no process is left behind.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -27,9 +28,15 @@ PROMPTS = ["def main():\n    return", "import os\nimport", "class Foo(object):\n
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama, tmp_path_factory):
+def server_tmpdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve-tmpdir")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, tmp_path_factory, server_tmpdir):
     process = ServerProcess(tiny_llama, "--port", "0", "--api-key", KEY, "--max-model-len", "96",
-                            "--max-batch-size", "8", cwd=tmp_path_factory.mktemp("serve-tp1")).start()
+                            "--max-batch-size", "8", cwd=tmp_path_factory.mktemp("serve-tp1"),
+                            env={"TMPDIR": str(server_tmpdir)}).start()
     try:
         process.wait_ready()
         yield process
@@ -217,7 +224,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     assert _metric(server, "orion_generation_tokens_total") == generated  # nothing decodes for it any more
 
 
-def test_sigterm_drains_in_flight_requests_and_stops(server, tiny_llama):
+def test_sigterm_drains_in_flight_requests_and_stops(server, tiny_llama, server_tmpdir):
     """Last test of the module: it stops the shared server."""
     body = {"model": "llama", "prompt": PROMPTS[3], "max_tokens": 60, "temperature": 0, "stream": True,
             "return_token_ids": True}
@@ -235,6 +242,7 @@ def test_sigterm_drains_in_flight_requests_and_stops(server, tiny_llama):
     stopped = server.wait_event("stopped", timeout=5)
     assert stopped["stopped_by"] == "SIGTERM" and stopped["drained"] is True
     assert not server.kill_leftovers(), "a rank outlived the server"
+    assert os.listdir(server_tmpdir) == [], "the server left temporary files (torchelastic's logs?)"
 
 
 def _metric(server, name: str) -> float:

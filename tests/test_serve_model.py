@@ -21,7 +21,7 @@ from orion_cli.serve.pipeline import pack_rows, unpack_rows
 from orion_cli.serve.protocol import SamplingSpec
 from orion_cli.serve.sampling import Sampler
 from orion_cli.serve.text import TextStream
-from orion_cli.testing.tiny_models import ARCHITECTURES
+from tiny_models import CORE as ARCHITECTURES
 
 from serve_testing import free_port, hf_greedy, hf_tokenizer, tokenize
 

@@ -17,7 +17,7 @@ from orion_cli.modeldir import copy_support_files
 from orion_cli.registry import Registry
 from orion_cli.shard import iter_shards, shard_model
 from orion_cli.shard_plan import GROUP_EMBEDDINGS, GROUP_NAMES, layer_index, tensor_group
-from orion_cli.testing.tiny_models import ARCHITECTURES
+from tiny_models import ARCHITECTURES
 
 from conftest import orion_process
 
@@ -97,7 +97,9 @@ def test_shards_load_in_transformers_with_identical_logits(orion, tiny_models, a
     assert manifest["loading_order"] == [s["file"] for s in manifest["shards"]]
     assert manifest["total_bytes"] == sum(s["bytes"] for s in manifest["shards"])
 
-    assert torch.equal(logits(out), logits(source))
+    # the weights are bitwise equal (above); the sums may differ in the last bit, as a kernel takes another path
+    # for memory at another alignment (seen with Mixtral's experts)
+    torch.testing.assert_close(logits(out), logits(source), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -356,7 +358,7 @@ def test_bad_sources_and_outputs(orion, tiny_llama, tmp_path):
     assert not (Path("out") / "keep.txt").exists() and (Path("out") / "shard_01.safetensors").is_file()
 
     result = orion("shard", "-m", tiny_llama, "-o", tiny_llama, "-n", "2", "--force")
-    assert result.exit_code == 2 and "is the source model" in result.stderr
+    assert result.exit_code == 2 and "itself; write the output elsewhere" in result.stderr
     assert not leftovers(Path(".")) and not leftovers(tiny_llama.parent)
 
 
@@ -484,7 +486,7 @@ def test_iter_shards_stops_at_a_corrupted_shard(sharded_llama, tmp_path):
 
 
 def test_a_failing_writer_or_source_digest_fails_the_whole_write(tiny_llama, tmp_path):
-    from orion_cli.checkpoint import read_safetensors_header
+    from orion_cli.weights import read_safetensors_header
     from orion_cli.errors import ModelDirError
     from orion_cli.shard_io import SourceTensor, write_shards_alongside
 

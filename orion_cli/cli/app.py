@@ -9,6 +9,7 @@ import sys
 from typing import Annotated, Optional, Sequence
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError
 
 from .. import __version__
 from ..errors import EXIT_INTERRUPTED
@@ -81,15 +82,22 @@ def run(argv: Sequence[str] | None = None) -> int:
         return result if isinstance(result, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.TyperException as exc:  # usage errors, printed with the usage line
+    except NoArgsIsHelpError as exc:  # `orion` or a group alone: the help is the answer
         exc.show()
         return exc.exit_code
+    except typer.TyperException as exc:  # click's usage errors: one line naming the flag, like every other error
+        return cli_errors.report(exc, STATE.verbose, STATE.json or _asks_for_json(args))
     except typer.Abort:
         return cli_errors.report(KeyboardInterrupt(), STATE.verbose, STATE.json)
     except BaseException as exc:  # noqa: BLE001 - the one error boundary
         if isinstance(exc, SystemExit):
             raise
         return cli_errors.report(exc, STATE.verbose, STATE.json)
+
+
+def _asks_for_json(args: list[str]) -> bool:
+    """--json on the command line, even when click failed before it reached that option."""
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
 
 
 def main() -> None:

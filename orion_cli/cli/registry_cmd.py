@@ -8,10 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ..errors import RegistryError
 from ..registry import Registry, register_model
 from ..sizes import format_size
-from .common import ForceOpt, JsonOpt, RegistryOpt, VerboseOpt, emit, use
+from .common import ForceOpt, JsonOpt, RegistryOpt, VerboseOpt, emit, info, use
 
 models_app = typer.Typer(
     name="models",
@@ -58,7 +57,7 @@ def list_models(registry: RegistryOpt = None, json_output: JsonOpt = False, verb
     """List the registry's entries."""
     state = use(json_output, verbose)
     registry_path = state.registry_path(registry)
-    entries = Registry(registry_path).entries()
+    entries = Registry(registry_path).entries(missing_ok=False)
 
     def render(console) -> None:
         if not entries:
@@ -106,8 +105,6 @@ def validate_models(
     state = use(json_output, verbose)
     registry_path = state.registry_path(registry)
     registry_obj = Registry(registry_path)
-    if not registry_path.exists():
-        raise RegistryError(f"registry {registry_path}: no such file")
     problems = registry_obj.problems(check_files=check_files)
     count = len(registry_obj.entries())
     emit(
@@ -117,6 +114,8 @@ def validate_models(
         ),
     )
     if problems:
+        info(f"orion: error: registry {registry_path}: invalid, {len(problems)} "
+             f"problem{'s' if len(problems) > 1 else ''} (listed on stdout)")
         raise typer.Exit(1)
 
 

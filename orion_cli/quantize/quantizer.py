@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_output_dir, atomic_write_text, check_output_free
+from ..atomic import atomic_output_dir, atomic_write_text, check_output
 from ..errors import ModelDirError, UnsupportedModelError, UsageError
 from ..modeldir import METADATA_FILE, copy_support_files, hash_files, inspect_model_dir
 from ..progress import NULL_PROGRESS, ProgressReporter, Stopwatch
@@ -90,13 +90,15 @@ def quantize_model(
     linear_method, embedding_method = resolve_methods(method)
     block = block_size or recipe.block_size
     model_dir, key = resolve_model_ref(model, registry_path)
-    source = inspect_model_dir(model_dir)
-    output = Path(output if output is not None else Path(output_root) / f"{source.root.absolute().name}-{level}").absolute()
-    check_output_free(output, force)
+    source = inspect_model_dir(model_dir).check_weights()
+    output = Path(output if output is not None else Path(output_root) / f"{source.root.absolute().name}-{level}")
+    eval_path = Path(eval_text) if eval_text else None
+    inputs = [("--model", source.root), ("--model", source.path)] + ([("--eval-text", eval_path)] if eval_path else [])
+    check_output(output, force, inputs)
+    output = output.absolute()
     if register:
         Registry(registry_path).check_key_free(register, force)
     check_supported(source)
-    eval_path = Path(eval_text) if eval_text else None
     if eval_path is not None and not eval_path.is_file():
         raise UsageError(f"--eval-text {eval_path}: no such file")
 
@@ -106,7 +108,7 @@ def quantize_model(
                        eval_tokens if test else 0, _window(source.config)) if tokenizer is not None else None
 
     watch = Stopwatch()
-    with atomic_output_dir(output, force) as tmp:
+    with atomic_output_dir(output, force, inputs=inputs) as tmp:
         with watch.time("export"), progress.stage("Exporting to ONNX (optimum, with past key values)"):
             fp32_path = export_onnx(source.path, tmp / ONNX_DIR, low_cpu_mem, source.config)
         quant_dir = tmp / QUANTIZED_DIR

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ..corpus import corpus_text
+from ..reference.corpus import corpus_text
 from ..errors import UsageError
-from ..reference import heldout_text
+from ..reference.model import heldout_text
 from .evaluate import token_windows
 
 BYTES_PER_TOKEN = 8  # generous: corpus text is read by bytes, windows are counted in tokens

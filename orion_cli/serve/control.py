@@ -20,6 +20,7 @@ import tempfile
 import threading
 from multiprocessing.connection import Client, Connection, Listener
 from multiprocessing.reduction import recv_handle, send_handle
+from pathlib import Path
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class ControlServer:
         self.listening = listening
         self.on_message = on_message
         self._dir = tempfile.mkdtemp(prefix="orion-serve-")
+        self.scratch = Path(self._dir)  # this server's temporary files; removed by close()
         self.address = os.path.join(self._dir, "control.sock")
         self._authkey = secrets.token_bytes(16)
         self._listener = Listener(self.address, family="AF_UNIX", authkey=self._authkey)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from ..errors import OrionError
-from .options import NODE_RANK_ENV, SPEC_ENV, ServeOptions, check_torch_options, resolve_model
+from .options import NODE_RANK_ENV, SPEC_ENV, ServeOptions, check_common, check_torch_options, resolve_model
 
 log = logging.getLogger("orion_cli.serve")
 
@@ -50,6 +50,7 @@ class ServeSummary:
 
 def serve(options: ServeOptions, on_event: EventHandler = lambda event: None) -> ServeSummary:
     """Serve `options.model` until stopped; events ('ready', 'joined', ...) go to `on_event`."""
+    check_common(options)
     model, model_id, entry = resolve_model(options)
     if model.format == "onnx":
         from .onnx_engine import serve_onnx
@@ -78,7 +79,7 @@ def serve(options: ServeOptions, on_event: EventHandler = lambda event: None) ->
 
 
 def _launch(options: ServeOptions, spec, listening, summary: ServeSummary, on_event: EventHandler) -> None:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -116,6 +117,8 @@ def _launch(options: ServeOptions, spec, listening, summary: ServeSummary, on_ev
     else:
         endpoint, run_id = f"{options.master_addr}:{options.master_port}", f"orion-serve-{options.master_port}"
     config = LaunchConfig(
+        # torchelastic's per-rank log folders go in the control channel's own temporary folder, removed with it
+        logs_specs=DefaultLogsSpecs(log_dir=str(control.scratch / "torchelastic")),
         min_nodes=options.nnodes, max_nodes=options.nnodes, nproc_per_node=nproc, run_id=run_id,
         rdzv_backend="c10d", rdzv_endpoint=endpoint, rdzv_configs={"is_host": options.node_rank == 0},
         max_restarts=options.max_restarts, monitor_interval=0.2, start_method="spawn",

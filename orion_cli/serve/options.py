@@ -104,7 +104,7 @@ class WorkerSpec:
 def resolve_model(options: ServeOptions) -> tuple[ModelDir, str, dict[str, Any] | None]:
     """The model directory, the id it is served under, and its registry entry when given a key."""
     path, key = resolve_model_ref(options.model, options.registry, flag="MODEL_DIR")
-    model = inspect_model_dir(path, flag="MODEL_DIR")
+    model = inspect_model_dir(path, flag="MODEL_DIR").check_weights()
     entry = Registry(options.registry).get(key) if key else None
     if entry is not None:  # what /v1/models shows; the per-file hashes stay in the registry
         entry = {k: v for k, v in entry.items() if k not in ("files", "provenance")}
@@ -124,9 +124,13 @@ def check_common(options: ServeOptions) -> None:
     for flag, value, low in (("--tp", options.tp, 1), ("--pp", options.pp, 1), ("--nnodes", options.nnodes, 1),
                              ("--max-batch-size", options.max_batch_size, 1),
                              ("--max-model-len", options.max_model_len, 1), ("--max-restarts", options.max_restarts, 0),
-                             ("--node-rank", options.node_rank, 0), ("--port", options.port, 0)):
+                             ("--node-rank", options.node_rank, 0), ("--port", options.port, 0),
+                             ("--master-port", options.master_port, 1)):
         if value < low:
             raise UsageError(f"{flag} {value}: must be at least {low}")
+    for flag, value in (("--port", options.port), ("--master-port", options.master_port)):
+        if value > 65535:
+            raise UsageError(f"{flag} {value}: a TCP port is at most 65535")
     if options.node_rank >= options.nnodes:
         raise UsageError(f"--node-rank {options.node_rank}: must be below --nnodes {options.nnodes}")
     if options.drain_timeout <= 0:

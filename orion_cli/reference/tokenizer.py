@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from functools import lru_cache
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -51,5 +51,10 @@ def train_tokenizer(text: str, vocab_size: int):
     )
 
 
-def save_tokenizer(tokenizer, directory: Path) -> None:
-    tokenizer.save_pretrained(directory)
+
+@lru_cache(maxsize=4)
+def corpus_tokenizer(vocab_size: int = 512, text_bytes: int = 400_000):
+    """A tokenizer trained on the first `text_bytes` of the corpus's training split (cached per process)."""
+    from .corpus import corpus_text
+
+    return train_tokenizer(corpus_text("train", text_bytes), vocab_size)

@@ -5,7 +5,7 @@ quantization look better than it is. It is deterministic for a machine, takes a
 few minutes on two cores, and is cached under the orion cache directory keyed by
 its recipe and corpus, so later runs reuse it.
 
-Run as a script: python -m orion_cli.reference [--cache-dir DIR] [--force]
+Run as a script: python -m orion_cli.reference.model [--cache-dir DIR] [--force]
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .atomic import atomic_output_dir
+from ..atomic import atomic_output_dir
+from ..modeldir import METADATA_FILE
+from ..progress import NULL_PROGRESS, ProgressReporter
+from ..provenance import make_provenance
 from .corpus import corpus_digest, corpus_text, stdlib_root
-from .modeldir import METADATA_FILE
-from .progress import NULL_PROGRESS, ProgressReporter
-from .provenance import make_provenance
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def train_reference_model(output: Path, recipe: Recipe, progress: ProgressReport
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
-    from .testing.tokenizer import EOS, PAD, train_tokenizer
+    from .tokenizer import EOS, PAD, train_tokenizer
 
     started = time.perf_counter()
     with progress.stage("Tokenizer: training byte-level BPE on the stdlib corpus"):
@@ -184,8 +184,8 @@ def evaluate_perplexity(model, ids, seq_len: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import load_config
-    from .progress import RichProgress
+    from ..config import load_config
+    from ..progress import RichProgress
 
     parser = argparse.ArgumentParser(description="Build (or find) the cached reference model and print its directory.")
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: the orion cache directory")

@@ -1,0 +1,100 @@
+"""Tiny random-init checkpoints of every supported architecture, built from transformers configs.
+
+One line per architecture in TINY: the config class and what makes this
+model type itself (grouped-query heads, a head_dim that is not hidden ÷ heads,
+sliding windows shorter than the test prompts, softcapping, multipliers,
+layers without RoPE, experts). A new architecture costs one line here, and
+every table-driven test (serve parity, quantize, merge) picks it up.
+Each model gets a byte-level BPE tokenizer trained locally; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TINY_VOCAB = 512
+TOKENIZER_TEXT_BYTES = 400_000
+SLIDING_WINDOW = 8  # shorter than the prompts the tests send, so the window matters
+
+_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512)
+
+# name -> (transformers config class, overrides of _SHAPE and of the class's defaults)
+TINY: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
+    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(sliding_window=SLIDING_WINDOW, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=False)),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True)),
+    "phi3": ("Phi3Config", dict(original_max_position_embeddings=512, tie_word_embeddings=False)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, n_inner=128)),
+    "gpt2-untied": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, n_inner=128,
+                                       tie_word_embeddings=False)),
+    "gemma": ("GemmaConfig", dict(head_dim=16, num_key_value_heads=1)),
+    "gemma-untied": ("GemmaConfig", dict(head_dim=16, tie_word_embeddings=False)),
+    # tied, a √hidden-scaled embedding dominates a random model's residual and greedy output repeats one token
+    "gemma2": ("Gemma2Config", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=SLIDING_WINDOW,
+                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                    tie_word_embeddings=False)),
+    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=SLIDING_WINDOW,
+                                             layer_types=["sliding_attention", "full_attention"],
+                                             final_logit_softcapping=30.0, tie_word_embeddings=False)),
+    "granite": ("GraniteConfig", dict(embedding_multiplier=12.0, residual_multiplier=0.22,
+                                      attention_multiplier=0.0625, logits_scaling=8.0, tie_word_embeddings=False)),
+    "olmo2": ("Olmo2Config", dict(tie_word_embeddings=False)),
+    "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0], tie_word_embeddings=True)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+}
+ARCHITECTURES = tuple(TINY)
+# The five the seed covered, for tests whose cost grows with the table and whose subject is not breadth.
+CORE = ("llama", "mistral", "qwen2", "phi3", "gpt2")
+
+
+def tiny_tokenizer():
+    from orion_cli.reference.tokenizer import corpus_tokenizer
+
+    return corpus_tokenizer(TINY_VOCAB, TOKENIZER_TEXT_BYTES)
+
+
+def tiny_config(name: str, **overrides: Any):
+    import transformers
+
+    from orion_cli.reference.tokenizer import EOS, PAD
+
+    class_name, extra = TINY[name]
+    tokenizer = tiny_tokenizer()
+    eos, pad = tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(PAD)
+    shape = {} if class_name == "GPT2Config" else dict(_SHAPE)
+    return getattr(transformers, class_name)(
+        vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
+        # Wider than the usual 0.02 so random logits are far apart and greedy
+        # decoding is not decided by float rounding.
+        initializer_range=0.2,
+        **{**shape, **extra, **overrides},
+    )
+
+
+def build_tiny_model(name: str, output: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Write a random-init model of architecture `name`, its tokenizer and generation config to `output`."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if name not in TINY:
+        raise ValueError(f"unknown tiny architecture {name!r}; choose from {', '.join(TINY)}")
+    output = Path(output)
+    config = tiny_config(name, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if name.startswith("gemma"):  # zero-initialised norms (1 + w) would hide the weight's role in every test
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if param_name.endswith("norm.weight"):
+                    param.normal_(0.0, 0.2)
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                               pad_token_id=config.pad_token_id)
+    model.save_pretrained(output, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(output)
+    return output
