@@ -33,9 +33,9 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the server-process helper the tests use
 
-from orion_cli.serve.process import ServerProcess  # noqa: E402
+from server_process import ServerProcess  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MESSAGES = [{"role": "user", "content": "Write a Python function that parses a CSV file and returns the rows."}]

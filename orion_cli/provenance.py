@@ -30,18 +30,19 @@ def describe_source(model: ModelDir, key: str | None = None) -> dict[str, Any]:
 def make_provenance(operation: str, parameters: dict[str, Any], sources: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "operation": operation,
-        "parameters": _jsonable(parameters),
+        "parameters": jsonable(parameters),
         "sources": sources,
         "orion_version": __version__,
         "created_at": utc_now(),
     }
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """Plain JSON types: what a value reads back as from metadata.json."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value

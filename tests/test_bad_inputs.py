@@ -128,7 +128,7 @@ CASES = [
      r"Invalid value for '--shards'"),
     ("port-not-a-number", mine, ["serve", "mine", "--port", "abc"], 2, r"Invalid value for '--port'"),
     ("missing-model", mine, ["quantize", "--output", "out"], 2, r"Missing option '--model'"),
-    ("port-out-of-range", mine, ["serve", "mine", "--port", "99999"], 2, r"--port 99999: a TCP port is at most 65535"),
+    ("port-out-of-range", mine, ["serve", "mine", "--port", "99999"], 2, r"--port 99999: must be at most 65535"),
     # outputs under a regular file
     ("quantize-under-a-file", model_and_file, ["quantize", "--model", "mine", "--output", "file/out"], 2,
      r"--output file/out: .*file is a file, not a directory"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orion_cli import __version__
-from orion_cli.testing.generated_docs import command_paths
+from generate_docs import command_paths
 
 from conftest import orion_process
 

@@ -12,15 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from orion_cli.codec import (CODECS, DEFAULT_AUTO_THRESHOLD_BYTES, DEFAULT_INT8_BLOCK_SIZE, DEFAULT_STREAM_CHUNK_BYTES,
-                             DEFAULT_ZSTD_LEVEL, LINK_CODECS, CodecError, CodecPolicy, CodecRangeError,
+from orion_cli.codec import (CODECS, LINK_CODECS, CodecError, CodecPolicy, CodecRangeError,
                              CodecUsageError, CorruptFrameError, UnknownCodecError, UnsupportedTensorError,
                              choose_codec, decode, encode, inspect_frame, is_lossy)
 from orion_cli.codec.dtypes import DTYPES
-from orion_cli.config import ActivationCodec, load_config
+from orion_cli.config import LinkCodec, load_config
 from orion_cli.errors import EXIT_USAGE, OrionError
 
 EXACT = ("raw", "zstd", "json")
+SHIPPED = load_config(environ={}).codec  # what the library uses when given no setting
 CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp16+zstd": torch.float16, "bf16+zstd": torch.bfloat16}
 FLOATS = [d.name for d in DTYPES if d.is_float]
 # Finite ranges each lossy codec carries without overflow (fp16 tops out at 65504).
@@ -89,15 +89,15 @@ def assert_bit_exact(original, decoded) -> None:
     assert as_numpy(decoded).tobytes() == as_numpy(original).tobytes()
 
 
-def test_codec_names_match_the_config():
-    assert set(ActivationCodec.__args__) == set(LINK_CODECS) - {"json"}
+def test_codec_names_are_the_configs():
+    assert set(LinkCodec.__args__) == set(LINK_CODECS)
 
 
-def test_library_defaults_match_the_shipped_config():
+def test_library_defaults_are_the_shipped_config():
     settings_ = load_config(environ={}).codec
-    assert (settings_.auto_threshold_bytes, settings_.int8_block_size, settings_.zstd_level,
-            settings_.stream_chunk_bytes) == (DEFAULT_AUTO_THRESHOLD_BYTES, DEFAULT_INT8_BLOCK_SIZE,
-                                              DEFAULT_ZSTD_LEVEL, DEFAULT_STREAM_CHUNK_BYTES)
+    policy = CodecPolicy()
+    assert (policy.threshold_bytes, policy.int8_block_size, policy.zstd_level) == (
+        settings_.auto_threshold_bytes, settings_.int8_block_size, settings_.zstd_level)
 
 
 @pytest.mark.parametrize("codec", ["raw", "zstd"])
@@ -242,7 +242,7 @@ def test_frames_record_the_codec_actually_applied():
     assert inspect_frame(encode(noise, "zstd")).codec == "raw"  # zstd dropped: it did not shrink the bytes
     header = inspect_frame(encode(torch.ones(2, 3, dtype=torch.bfloat16), "int8"))
     assert (header.codec, header.dtype.name, header.shape, header.torch, header.block_size) == (
-        "int8", "bfloat16", (2, 3), True, DEFAULT_INT8_BLOCK_SIZE)
+        "int8", "bfloat16", (2, 3), True, SHIPPED.int8_block_size)
 
 
 def test_lossy_codecs_refuse_values_they_cannot_carry():
@@ -276,8 +276,8 @@ def test_bad_inputs_raise_codec_errors_with_one_line_messages():
 
 def test_auto_policy_sends_small_tensors_raw_and_large_ones_with_the_link_codec():
     assert choose_codec(100, "int8+zstd") == "raw"
-    assert choose_codec(DEFAULT_AUTO_THRESHOLD_BYTES - 1, "fp16") == "raw"
-    assert choose_codec(DEFAULT_AUTO_THRESHOLD_BYTES, "fp16") == "fp16"
+    assert choose_codec(SHIPPED.auto_threshold_bytes - 1, "fp16") == "raw"
+    assert choose_codec(SHIPPED.auto_threshold_bytes, "fp16") == "fp16"
     assert choose_codec(10**6, "int8+zstd", threshold_bytes=2 * 10**6) == "raw"
     assert choose_codec(10**6, "auto") == "zstd"  # the user asked for nothing lossy
     assert not any(is_lossy(choose_codec(n, "auto")) for n in (0, 10, 10**3, 10**9))
@@ -296,7 +296,8 @@ def test_auto_policy_sends_small_tensors_raw_and_large_ones_with_the_link_codec(
 def test_policy_comes_from_the_config(tmp_path):
     path = tmp_path / "link.yaml"
     path.write_text("serve:\n  activation_codec: bf16+zstd\ncodec:\n  auto_threshold_bytes: 4096\n")
-    policy = CodecPolicy.from_config(load_config(path, environ={"ORION_CODEC_INT8_BLOCK_SIZE": "128"}))
+    config = load_config(path, environ={"ORION_CODEC_INT8_BLOCK_SIZE": "128"})
+    policy = CodecPolicy.from_settings(config.serve.activation_codec, config.codec)
     assert policy == CodecPolicy("bf16+zstd", threshold_bytes=4096, int8_block_size=128, zstd_level=1)
     assert policy.choose(4095) == "raw" and policy.choose(4096) == "bf16+zstd"
     with pytest.raises(UnknownCodecError):

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from orion_cli.resources import configs_dir
-from orion_cli.testing.generated_docs import reference_page, registry_page
+from generate_docs import reference_page, registry_page
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -74,7 +74,7 @@ def block_id(block: Block) -> str:
 def test_cli_reference_page_matches_the_cli():
     page = REPO / "docs" / "cli-reference.md"
     assert page.read_text() == reference_page(), (
-        "docs/cli-reference.md is out of date: python -m orion_cli.testing.generated_docs"
+        "docs/cli-reference.md is out of date: python tools/generate_docs.py"
     )
 
 
@@ -235,7 +235,7 @@ def test_registry_field_table_is_generated_from_the_schema():
     page = (REPO / "docs" / "registry.md").read_text()
     schema = json.loads((REPO / "models.schema.json").read_text())
     assert page == registry_page(page, schema), (
-        "docs/registry.md's field table is out of date: python -m orion_cli.testing.generated_docs"
+        "docs/registry.md's field table is out of date: python tools/generate_docs.py"
     )
 
 

@@ -128,6 +128,7 @@ def test_set_overrides_a_variable(orion, tiny_llama, tmp_path):
         ([], ("key: small", "key: small, colour: blue"), "step 'publish': key 'register.colour': unknown key"),
         ([], ("key: small", "key: [small]"), "step 'publish': key 'register.key': Input should be a valid string"),
         ([], ("shards: 2", "max_shard_size: 1MB, shards: 2"), "give exactly one of shards or max_shard_size"),
+        ([], ("shards: 2", "max_shard_size: 5XB"), "step 'split': key 'shard.max_shard_size': not a size"),
         ([], ("register:", "publish:"), "key 'publish': unknown key (step kinds: merge, quantize, shard, register, serve)"),
         ([], ("id: publish", "id: split"), "step id 'split' is used twice"),
         ([], ("pipeline: small", "pipelines: small"), "key 'pipelines': unknown key"),

@@ -13,10 +13,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from orion_cli.quantize import quantize_model
 from orion_cli.quantize.evaluate import OnnxLM
 from orion_cli.registry import Registry
+from tiny_models import build_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +58,7 @@ def generate(model_dir: Path, max_new_tokens: int = 12) -> list[int]:
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gpt2"])
 def test_every_architecture_quantizes_and_generates_with_kv_cache(arch, tiny_models, tmp_path):
     out = tmp_path / f"{arch}-q4"
-    result = quantize_model(tiny_models[arch], out, "q4", method="rtn")
+    result = quantize_model(tiny_models[arch], out, level="q4", method="rtn")
 
     counts, float_weights = quantized_ops(out / "quantized")
     assert float_weights == [], f"linear layers left in fp32: {float_weights}"
@@ -76,7 +79,7 @@ def test_unsupported_architecture_is_refused_before_any_work(orion, tmp_path):
     model = tmp_path / "bert"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
-    (model / "model.safetensors").write_bytes(b"\0" * 16)
+    save_file({"embeddings.word_embeddings.weight": torch.zeros(4, 4)}, model / "model.safetensors")
     result = orion("quantize", "--model", model, "--output", tmp_path / "out")
     assert result.exit_code == 1
     assert "BertForMaskedLM" in result.stderr and "not supported" in result.stderr
@@ -158,8 +161,8 @@ def test_cli_test_figures_are_measured_against_fp32(cli_run):
 
 
 def test_low_cpu_mem_writes_external_data_and_computes_the_same_model(tiny_models, tmp_path):
-    inline = quantize_model(tiny_models["llama"], tmp_path / "inline", "q2", method="rtn")
-    low = quantize_model(tiny_models["llama"], tmp_path / "low", "q2", method="rtn", low_cpu_mem=True)
+    inline = quantize_model(tiny_models["llama"], tmp_path / "inline", level="q2", method="rtn")
+    low = quantize_model(tiny_models["llama"], tmp_path / "low", level="q2", method="rtn", low_cpu_mem=True)
     assert (low.model_dir / "model.onnx_data").is_file()
     assert not (inline.model_dir / "model.onnx_data").exists()
     ids = np.arange(1, 17, dtype=np.int64).reshape(2, 8)
@@ -174,7 +177,9 @@ def test_a_failure_midway_leaves_no_output(orion, tiny_models, tmp_path):
     broken.mkdir()
     for f in tiny_models["llama"].iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # passes the cheap checks, fails the export
+    # sound safetensors of the wrong shapes: it passes the cheap checks and fails the export
+    wider = build_tiny_model("llama", tmp_path / "wider", hidden_size=96)
+    (broken / "model.safetensors").write_bytes((wider / "model.safetensors").read_bytes())
     outputs = tmp_path / "outputs"
     outputs.mkdir()
     result = orion("quantize", "--model", broken, "--output", outputs / "q4", "--method", "rtn")
@@ -189,7 +194,7 @@ def test_eval_text_calibrates_and_evaluates_on_disjoint_windows(tiny_models, tmp
 
     text = tmp_path / "eval.txt"
     text.write_text(corpus_text("heldout", 120_000))
-    result = quantize_model(tiny_models["llama"], tmp_path / "out", "q4", test=True, eval_text=text,
+    result = quantize_model(tiny_models["llama"], tmp_path / "out", level="q4", test=True, eval_text=str(text),
                             calibration_tokens=1024, eval_tokens=1024)
     quant, quality = result.metadata["quantization"], result.metadata["quality"]
     assert quant["calibration"] == {"source": str(text), "windows": 8, "tokens": 1024}
@@ -197,7 +202,7 @@ def test_eval_text_calibrates_and_evaluates_on_disjoint_windows(tiny_models, tmp
 
 
 def test_q3_on_the_reference_model_keeps_its_quality(reference_model, tmp_path):
-    result = quantize_model(reference_model, tmp_path / "ref-q3", "q3", test=True,
+    result = quantize_model(reference_model, tmp_path / "ref-q3", level="q3", test=True,
                             calibration_tokens=2048, eval_tokens=4096)
     quant, quality, sizes = result.metadata["quantization"], result.metadata["quality"], result.metadata["sizes"]
     assert 2.7 <= quant["bits"] <= 3.0

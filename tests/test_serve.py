@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from orion_cli.serve.process import ServerProcess
+from server_process import ServerProcess
 
 from serve_testing import hf_greedy, hf_tokenizer, metric, tokenize, used_buckets
 

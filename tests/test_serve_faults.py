@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from orion_cli.serve.process import ServerProcess
+from server_process import ServerProcess
 
 from serve_testing import hf_greedy, tokenize
 
@@ -27,7 +27,7 @@ def _no_children() -> bool:
     (["{llama}", "--tp", "3"], 2, "--tp 3: does not divide the model's 4 attention heads; choose one of 1, 2, 4"),
     (["{llama}", "--pp", "2", "--pp-split", "1,2"], 2, "--pp-split 1,2: sums to 3 layers but the model has 2"),
     (["{llama}", "--nnodes", "2", "--node-rank", "2"], 2, "--node-rank 2: must be below --nnodes 2"),
-    (["{llama}", "--activation-codec", "gzip"], 2, "--activation-codec gzip: choose one of"),
+    (["{llama}", "--activation-codec", "gzip"], 2, "--activation-codec gzip: choose from"),
     (["{llama}", "--max-batch-size", "0"], 2, "--max-batch-size 0: must be at least 1"),
 ])
 def test_startup_errors_are_one_line_before_any_worker(orion, tiny_llama, args, code, message):

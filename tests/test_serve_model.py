@@ -17,7 +17,7 @@ import torch
 
 from orion_cli.errors import UnsupportedModelError, UsageError
 from orion_cli.serve.architectures import check_tensor_parallel, model_shape, split_layers
-from orion_cli.serve.pipeline import pack_rows, unpack_rows
+from orion_cli.serve.stage_link import pack_rows, unpack_rows
 from orion_cli.serve.protocol import SamplingSpec
 from orion_cli.serve.sampling import Sampler
 from orion_cli.serve.text import TextStream

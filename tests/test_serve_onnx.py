@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from orion_cli.registry import register_model
-from orion_cli.serve.process import ServerProcess
+from server_process import ServerProcess
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from orion_cli.serve.process import ServerProcess
+from server_process import ServerProcess
 
 from serve_testing import eventually_metric, free_port, hf_greedy, hf_tokenizer, metric, tokenize
 

@@ -16,7 +16,7 @@ from orion_cli.errors import VerificationError
 from orion_cli.modeldir import copy_support_files
 from orion_cli.registry import Registry
 from orion_cli.shard import iter_shards, shard_model
-from orion_cli.shard_plan import GROUP_EMBEDDINGS, GROUP_NAMES, layer_index, tensor_group
+from orion_cli.shard.plan import GROUP_EMBEDDINGS, GROUP_NAMES, layer_index, tensor_group
 from tiny_models import ARCHITECTURES
 
 from conftest import orion_process
@@ -485,10 +485,10 @@ def test_iter_shards_stops_at_a_corrupted_shard(sharded_llama, tmp_path):
         "shard_00.safetensors", "shard_01.safetensors", "shard_02.safetensors"]
 
 
-def test_a_failing_writer_or_source_digest_fails_the_whole_write(tiny_llama, tmp_path):
-    from orion_cli.weights import read_safetensors_header
+def test_a_failing_writer_fails_the_whole_write(tiny_llama, tmp_path):
     from orion_cli.errors import ModelDirError
-    from orion_cli.shard_io import SourceTensor, write_shards_alongside
+    from orion_cli.shard.io import SourceTensor, write_shards
+    from orion_cli.weights import read_safetensors_header
 
     infos, _ = read_safetensors_header(tiny_llama / "model.safetensors")
     good = [SourceTensor(i.name, i.dtype, i.shape, i.nbytes, None, 1, file=i.file, start=i.start) for i in infos.values()]
@@ -499,12 +499,6 @@ def test_a_failing_writer_or_source_digest_fails_the_whole_write(tiny_llama, tmp
     bad = SourceTensor("bad", "F32", (4,), 16, None, 1, load=unreadable)
     jobs = [(tmp_path / "a", b"", good), (tmp_path / "b", b"", [bad])]
     with pytest.raises(ModelDirError, match="tensor bad: unreadable"):
-        write_shards_alongside(jobs, lambda n: None, lambda: "digest", threads=2)
-
-    def digest_fails():
-        raise ModelDirError("source: unreadable")
-
-    with pytest.raises(ModelDirError, match="source: unreadable"):
-        write_shards_alongside(jobs[:1], lambda n: None, digest_fails, threads=2)
-    written, digest = write_shards_alongside(jobs[:1], lambda n: None, lambda: "digest", threads=1)
-    assert digest == "digest" and written[0][0] == sum(t.nbytes for t in good)
+        write_shards(jobs, lambda n: None, threads=2)
+    written = write_shards(jobs[:1], lambda n: None, threads=1)
+    assert written[0][0] == sum(t.nbytes for t in good)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orion_cli.shard_plan import (
+from orion_cli.shard.plan import (
     GROUP_EMBEDDINGS, GROUP_FINAL, GROUP_HEAD, GROUP_LAYERS, execution_order, layer_index, split_by_limit,
     split_into, tensor_group,
 )

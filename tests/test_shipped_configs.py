@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from orion_cli.config import OrionConfig, load_config
-from orion_cli.pipeline import is_pipeline_file, load_pipeline
+from orion_cli.workflow import is_pipeline_file, load_pipeline
 from orion_cli.resources import configs_dir
 
 SHIPPED = sorted(configs_dir().rglob("*.yaml"))

@@ -12,16 +12,14 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TypeVar
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
 from ..config import OrionConfig, load_config
-from ..progress import RichProgress
-
-T = TypeVar("T")
+from .progress import RichProgress
 
 # -- option aliases ----------------------------------------------------------
 
@@ -79,11 +77,6 @@ def use(json_output: bool = False, verbose: bool = False) -> CliState:
     STATE.verbose = STATE.verbose or verbose
     setup_logging(STATE.verbose)
     return STATE
-
-
-def pick(flag: T | None, default: T) -> T:
-    """A CLI flag when given, else the config value (which already folds in env and --config)."""
-    return default if flag is None else flag
 
 
 # -- output --------------------------------------------------------------------

@@ -33,11 +33,10 @@ def demo(
 
       orion demo --workdir /tmp/orion-demo --json
     """
-    from ..demo import run_demo
+    from ..workflow.demo import run_demo
 
     state = use(json_output, verbose)
-    config = state.config()
-    result = run_demo(workdir, config.cache_path, config, tp=tp, force=force, progress=progress())
+    result = run_demo(workdir, state.config(), tp=tp, force=force, progress=progress())
 
     def render(console) -> None:
         served, quantized, quality = result.served, result.quantized, result.quantized["quality"]

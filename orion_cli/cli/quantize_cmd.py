@@ -2,66 +2,32 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from ..config import QuantizeSettings, override
 from ..sizes import format_size
-from .common import ForceOpt, JsonOpt, ModelOpt, OutputOpt, RegisterOpt, RegistryOpt, VerboseOpt, emit, pick, progress, use
+from ..producing import Output
+from .common import JsonOpt, ModelOpt, VerboseOpt, emit, progress, use
+from .options import producing_options, settings_options
 
-LevelOpt = Annotated[
-    Optional[str],
-    typer.Option("--level", "-l", metavar="q4|q3|q2", show_default=False,
-                 help="q4: 4 bits; q3: 2 or 4 bits per tensor, 3.0 on average; q2: 2 bits (config: quantize.level, q4)."),
-]
-MethodOpt = Annotated[
-    Optional[str],
-    typer.Option("--method", metavar="auto|gptq|rtn|kquant|hqq", show_default=False,
-                 help="Algorithm; auto is GPTQ for linear layers and k-quant for the embedding (config: quantize.method)."),
-]
-BlockSizeOpt = Annotated[
-    Optional[int],
-    typer.Option("--block-size", metavar="N", show_default=False,
-                 help="Weights sharing one scale: 16..256, a power of two (default: the level's, 32 or 64)."),
-]
 TestOpt = Annotated[
     bool,
     typer.Option("--test", help="Compare with the fp32 model in onnxruntime: perplexity, KL, top-1 agreement, a completion."),
 ]
-EvalTextOpt = Annotated[
-    Optional[Path],
-    typer.Option("--eval-text", metavar="FILE", show_default=False,
-                 help="Text to calibrate on (its first windows) and evaluate on (the rest) (config: quantize.eval_text)."),
-]
-LowCpuMemOpt = Annotated[
-    Optional[bool],
-    typer.Option("--low-cpu-mem/--no-low-cpu-mem", show_default=False,
-                 help="Export in a child process to external data and read weights one tensor at a time."),
-]
-KeepIntermediateOpt = Annotated[
-    Optional[bool],
-    typer.Option("--keep-intermediate/--no-keep-intermediate", show_default=False,
-                 help="Keep the fp32 ONNX export in OUT/onnx."),
-]
 
 
+@producing_options
+@settings_options(QuantizeSettings, "quantize")
 def quantize(
     model: ModelOpt,
-    output: OutputOpt = None,
-    level: LevelOpt = None,
     test: TestOpt = False,
-    eval_text: EvalTextOpt = None,
-    block_size: BlockSizeOpt = None,
-    method: MethodOpt = None,
-    low_cpu_mem: LowCpuMemOpt = None,
-    keep_intermediate: KeepIntermediateOpt = None,
-    force: ForceOpt = False,
-    register: RegisterOpt = None,
-    registry: RegistryOpt = None,
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
+    flags: dict[str, Any] | None = None,
+    output: Output | None = None,
 ) -> None:
     """Quantize a causal LM to a weight-only ONNX model that runs in stock onnxruntime.
 
@@ -76,32 +42,14 @@ def quantize(
 
       orion quantize --model phi3 --output outputs/phi3-q3 --level q3 --test --register phi3-q3
 
-      orion quantize --model ./llama --output /tmp/llama-q2 --level q2 --low-cpu-mem --json
+      orion quantize --model ./llama --output /tmp/llama-q2 --level q2 --method rtn --json
     """
     state = use(json_output, verbose)
-    settings = state.config().quantize
-    eval_path = eval_text if eval_text is not None else (Path(settings.eval_text) if settings.eval_text else None)
+    settings = override(state.config().quantize, **(flags or {}))
 
     from ..quantize import quantize_model
 
-    result = quantize_model(
-        model, output,
-        level=pick(level, settings.level),
-        method=pick(method, settings.method),
-        block_size=pick(block_size, settings.block_size),
-        test=test,
-        eval_text=eval_path,
-        low_cpu_mem=pick(low_cpu_mem, settings.low_cpu_mem),
-        keep_intermediate=pick(keep_intermediate, settings.keep_intermediate),
-        force=force,
-        register=register,
-        registry_path=state.registry_path(registry),
-        output_root=state.config().output_root,
-        calibration_tokens=settings.calibration_tokens,
-        eval_tokens=settings.eval_tokens,
-        prompt=settings.prompt,
-        progress=progress(),
-    )
+    result = quantize_model(model, output, settings=settings, test=test, progress=progress())
     emit(result.as_dict(), lambda console: _render(console, result))
 
 

@@ -12,6 +12,8 @@ from ..registry import Registry, register_model
 from ..sizes import format_size
 from .common import ForceOpt, JsonOpt, RegistryOpt, VerboseOpt, emit, info, use
 
+KeyArg = Annotated[str, typer.Argument(metavar="KEY", help="Registry key.", show_default=False)]
+
 models_app = typer.Typer(
     name="models",
     help="List, show, validate and remove registry entries.",
@@ -79,7 +81,7 @@ def list_models(registry: RegistryOpt = None, json_output: JsonOpt = False, verb
 
 @models_app.command("show", epilog="Example:  orion models show phi3-q4 --json")
 def show_model(
-    key: Annotated[str, typer.Argument(metavar="KEY", help="Registry key.", show_default=False)],
+    key: KeyArg,
     registry: RegistryOpt = None,
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
@@ -121,7 +123,7 @@ def validate_models(
 
 @models_app.command("remove", epilog="Example:  orion models remove old-q2")
 def remove_model(
-    key: Annotated[str, typer.Argument(metavar="KEY", help="Registry key.", show_default=False)],
+    key: KeyArg,
     registry: RegistryOpt = None,
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,

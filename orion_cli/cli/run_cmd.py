@@ -36,7 +36,7 @@ def run(
 
       orion run configs/workflows/specialize.yaml --set general=./general --set specialist=./code --json
     """
-    from ..pipeline import RunContext, load_pipeline, run_pipeline
+    from ..workflow import RunContext, load_pipeline, run_pipeline
 
     state = use(json_output, verbose)
     overrides = {}

@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
+from ..config import ShardSettings, override
 from ..errors import ConfigError, UsageError
 from ..sizes import format_size
-from .common import ForceOpt, JsonOpt, OutputOpt, RegisterOpt, RegistryOpt, VerboseOpt, emit, info, progress, use
+from ..producing import Output
+from .common import JsonOpt, VerboseOpt, emit, info, progress, use
+from .options import producing_options, settings_options
 
 OptionalModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", metavar="DIR|KEY", help="Model directory or registry key to shard.", show_default=False),
-]
-ShardsOpt = Annotated[
-    Optional[int],
-    typer.Option("--shards", "-n", metavar="N", help="Number of shards, balanced by bytes (config: shard.shards).", show_default=False),
-]
-MaxShardSizeOpt = Annotated[
-    Optional[str],
-    typer.Option("--max-shard-size", metavar="SIZE", show_default=False,
-                 help="Largest shard: 500 (MB), 500MB, 2GB, 1.5GiB (config: shard.max_shard_size)."),
 ]
 VerifyOpt = Annotated[
     Optional[Path],
@@ -32,17 +26,15 @@ VerifyOpt = Annotated[
 ]
 
 
+@producing_options
+@settings_options(ShardSettings, "shard")
 def shard(
     model: OptionalModelOpt = None,
-    output: OutputOpt = None,
-    shards: ShardsOpt = None,
-    max_shard_size: MaxShardSizeOpt = None,
     verify: VerifyOpt = None,
-    force: ForceOpt = False,
-    register: RegisterOpt = None,
-    registry: RegistryOpt = None,
     json_output: JsonOpt = False,
     verbose: VerboseOpt = False,
+    flags: dict[str, Any] | None = None,
+    output: Output | None = None,
 ) -> None:
     """Split a model into shards in execution order, for progressive loading.
 
@@ -62,23 +54,23 @@ def shard(
       orion shard --verify deploy/phi3-q4
     """
     state = use(json_output, verbose)
+    flags = flags or {}
     if verify is not None:
-        _verify(verify, model=model, output=output, shards=shards, max_shard_size=max_shard_size, register=register)
+        _verify(verify, model=model, output=output.path, register=output.register, **flags)
         return
     if model is None:
         raise UsageError("--model DIR|KEY is required (or --verify DIR to check a sharded directory)")
     config = state.config()
-    if shards is None and max_shard_size is None:
+    if all(value is None for value in flags.values()):
         if config.shard.shards is not None and config.shard.max_shard_size is not None:
             raise ConfigError("config keys shard.shards and shard.max_shard_size are both set; keep one, or pass a flag")
-        shards, max_shard_size = config.shard.shards, config.shard.max_shard_size
+        settings = config.shard
+    else:  # a flag chooses the strategy: the config's other one does not apply
+        settings = override(ShardSettings(shards=None, max_shard_size=None), **flags)
 
     from ..shard import shard_model
 
-    result = shard_model(
-        model, output, shards=shards, max_shard_size=max_shard_size, force=force, register=register,
-        registry=state.registry_path(registry), output_root=config.output_root, progress=progress(),
-    )
+    result = shard_model(model, output, settings=settings, progress=progress())
     for warning in result.warnings:
         info(f"[yellow]warning:[/] {warning}")
 
@@ -102,7 +94,7 @@ def _verify(directory: Path, **others) -> None:
     given = [f"--{name.replace('_', '-')}" for name, value in others.items() if value is not None]
     if given:
         raise UsageError(f"--verify DIR only checks a sharded directory; drop {', '.join(given)}")
-    from ..shard_load import verify_sharded_dir
+    from ..shard import verify_sharded_dir
 
     result = verify_sharded_dir(directory, progress=progress())
     emit(result.as_dict(), lambda console: console.print(

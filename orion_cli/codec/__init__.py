@@ -5,9 +5,10 @@
     hidden_states = decode(frame)
 
 Codecs: raw and zstd (exact), fp16 and bf16 (casts), int8 (blockwise absmax),
-each cast or int8 optionally followed by zstd, json (debugging). `auto` and
+each cast or int8 optionally followed by zstd, json (debugging only). `auto` and
 CodecPolicy pick raw for small tensors and the link's codec otherwise.
-encode_chunks()/decode_chunks() stream large tensors in bounded memory.
+encode_chunks()/StreamDecoder stream large tensors in bounded memory; the
+pipeline-stage link sends hidden states above codec.stream_chunk_bytes that way.
 Frame layout and choices: docs/codec.md.
 """
 
@@ -16,13 +17,11 @@ from .errors import (CodecError, CodecRangeError, CodecUsageError, CorruptFrameE
                      TruncatedFrameError, UnknownCodecError, UnsupportedTensorError, UnsupportedVersionError)
 from .frame import FIXED_HEADER_BYTES, MAGIC, VERSION, FrameHeader, frame_length
 from .metrics import METRICS, CodecMetrics, CodecMetricsCollector
-from .policy import (CODECS, DEFAULT_AUTO_THRESHOLD_BYTES, DEFAULT_INT8_BLOCK_SIZE, DEFAULT_STREAM_CHUNK_BYTES,
-                     DEFAULT_ZSTD_LEVEL, EXACT_CODECS, LINK_CODECS, LOSSY_CODECS, CodecPolicy, choose_codec, is_lossy)
+from .policy import CODECS, EXACT_CODECS, LINK_CODECS, LOSSY_CODECS, CodecPolicy, choose_codec, is_lossy
 from .stream import StreamDecoder, decode_chunks, encode_chunks
 
 __all__ = [
     "CODECS", "EXACT_CODECS", "LOSSY_CODECS", "LINK_CODECS",
-    "DEFAULT_AUTO_THRESHOLD_BYTES", "DEFAULT_INT8_BLOCK_SIZE", "DEFAULT_STREAM_CHUNK_BYTES", "DEFAULT_ZSTD_LEVEL",
     "FIXED_HEADER_BYTES", "MAGIC", "VERSION", "METRICS",
     "CodecError", "CodecRangeError", "CodecUsageError", "CorruptFrameError", "ForeignFrameError",
     "TruncatedFrameError", "UnknownCodecError", "UnsupportedTensorError", "UnsupportedVersionError",

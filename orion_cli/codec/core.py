@@ -11,18 +11,17 @@ from .frame import (CODEC_SHUFFLED, CODEC_ZSTD, TRANSFORMS, ChunkInfo, FrameHead
                     parse_header)
 from .metrics import METRICS, CodecMetrics
 from .payload import applied_transform, compress, decode_sections, decompress, encode_sections, section_sizes
-from .policy import (DEFAULT_INT8_BLOCK_SIZE, DEFAULT_ZSTD_LEVEL, LINK_CODECS, CodecPolicy, check_codec,
-                     check_settings, split_codec)
+from .policy import LINK_CODECS, CodecPolicy, check_codec, check_settings, defaults, split_codec
 from .tensors import Array, Source, as_source, to_kind
 
 
 def encode(tensor, codec: str | CodecPolicy = "raw", *, metrics: CodecMetrics | None = None,
-           int8_block_size: int = DEFAULT_INT8_BLOCK_SIZE, zstd_level: int = DEFAULT_ZSTD_LEVEL) -> bytes:
+           int8_block_size: int | None = None, zstd_level: int | None = None) -> bytes:
     """A frame holding `tensor` (torch.Tensor or numpy.ndarray), encoded with `codec`.
 
     `codec` is a name from CODECS, 'auto' (raw when small, else zstd), or a
     CodecPolicy (auto with a link's codec and settings, which then override
-    int8_block_size and zstd_level). The frame records the codec it really
+    int8_block_size and zstd_level; None means the shipped config's). The frame records the codec it really
     carries: lossy codecs leave non-float tensors exact, and zstd is dropped
     when it does not shrink the payload.
     """
@@ -62,10 +61,14 @@ def inspect_frame(frame: bytes | bytearray | memoryview) -> FrameHeader:
     return parse_header(byte_view_of(frame))
 
 
-def resolve_codec(codec: str | CodecPolicy, nbytes: int, int8_block_size: int, zstd_level: int) -> tuple[str, int, int]:
+def resolve_codec(codec: str | CodecPolicy, nbytes: int, int8_block_size: int | None,
+                  zstd_level: int | None) -> tuple[str, int, int]:
     if isinstance(codec, CodecPolicy):
         return codec.choose(nbytes), codec.int8_block_size, codec.zstd_level
     check_codec(codec, LINK_CODECS)
+    shipped = defaults()
+    int8_block_size = shipped.int8_block_size if int8_block_size is None else int8_block_size
+    zstd_level = shipped.zstd_level if zstd_level is None else zstd_level
     check_settings(int8_block_size, zstd_level)
     if codec == "auto":
         codec = CodecPolicy().choose(nbytes)

@@ -9,24 +9,14 @@ when the link is configured with one: `auto` on its own means exact (zstd).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from ..config import CodecSettings, LinkCodec, choices, shipped_config
 from .errors import CodecUsageError, UnknownCodecError
 
-if TYPE_CHECKING:
-    from ..config import OrionConfig
-
+LINK_CODECS = choices(LinkCodec)  # declared once, in config.py
+CODECS = tuple(name for name in LINK_CODECS if name != "auto")
 EXACT_CODECS = ("raw", "zstd", "json")
-LOSSY_CODECS = ("fp16", "bf16", "int8", "fp16+zstd", "bf16+zstd", "int8+zstd")
-CODECS = ("raw", "zstd", "fp16", "bf16", "int8", "fp16+zstd", "bf16+zstd", "int8+zstd", "json")
-LINK_CODECS = CODECS + ("auto",)
-
-# Library defaults; configs/default.yaml's `codec:` section holds the same values
-# (a test keeps them equal) and is what `orion serve` passes in.
-DEFAULT_AUTO_THRESHOLD_BYTES = 1024
-DEFAULT_INT8_BLOCK_SIZE = 32
-DEFAULT_ZSTD_LEVEL = 1
-DEFAULT_STREAM_CHUNK_BYTES = 4 * 2**20
+LOSSY_CODECS = tuple(name for name in CODECS if name not in EXACT_CODECS)
 
 
 def check_codec(name: str, allowed: tuple[str, ...] = CODECS, what: str = "codec") -> str:
@@ -48,43 +38,53 @@ def split_codec(name: str) -> tuple[str, bool]:
     return transform, stage == "zstd"
 
 
-def choose_codec(nbytes: int, link_codec: str, threshold_bytes: int = DEFAULT_AUTO_THRESHOLD_BYTES) -> str:
+def defaults() -> CodecSettings:
+    """The codec settings of configs/default.yaml: what every argument left out means."""
+    return shipped_config().codec
+
+
+def choose_codec(nbytes: int, link_codec: str, threshold_bytes: int | None = None) -> str:
     """The codec `auto` sends a tensor of `nbytes` raw bytes with, on a link configured with `link_codec`.
 
     raw below `threshold_bytes`; above it the link's codec, where 'auto' (no codec
     chosen by the user) means zstd, so lossy codecs appear only when asked for.
     """
     check_codec(link_codec, LINK_CODECS, "link codec")
-    if nbytes < threshold_bytes:
+    threshold = defaults().auto_threshold_bytes if threshold_bytes is None else threshold_bytes
+    if nbytes < threshold:
         return "raw"
     return "zstd" if link_codec == "auto" else link_codec
 
 
 @dataclass(frozen=True)
 class CodecPolicy:
-    """A link's codec settings; pass one to encode() as `codec` to apply the auto policy with them."""
+    """A link's codec settings; pass one to encode() as `codec` to apply the auto policy with them.
+
+    Settings left None take configs/default.yaml's `codec:` values.
+    """
 
     link_codec: str = "auto"
-    threshold_bytes: int = DEFAULT_AUTO_THRESHOLD_BYTES
-    int8_block_size: int = DEFAULT_INT8_BLOCK_SIZE
-    zstd_level: int = DEFAULT_ZSTD_LEVEL
+    threshold_bytes: int | None = None
+    int8_block_size: int | None = None
+    zstd_level: int | None = None
 
     def __post_init__(self) -> None:
         check_codec(self.link_codec, LINK_CODECS, "link codec")
+        shipped = defaults()
+        for name, default in (("threshold_bytes", shipped.auto_threshold_bytes),
+                              ("int8_block_size", shipped.int8_block_size), ("zstd_level", shipped.zstd_level)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
         check_settings(self.int8_block_size, self.zstd_level)
 
     def choose(self, nbytes: int) -> str:
         return choose_codec(nbytes, self.link_codec, self.threshold_bytes)
 
     @classmethod
-    def from_config(cls, config: OrionConfig, link_codec: str | None = None) -> CodecPolicy:
-        """The policy of a serve link: its codec (default serve.activation_codec) and the `codec:` section."""
-        return cls(
-            link_codec=link_codec or config.serve.activation_codec,
-            threshold_bytes=config.codec.auto_threshold_bytes,
-            int8_block_size=config.codec.int8_block_size,
-            zstd_level=config.codec.zstd_level,
-        )
+    def from_settings(cls, link_codec: str, settings: CodecSettings) -> CodecPolicy:
+        """The policy of a serve link: its codec (serve.activation_codec) and the `codec:` section."""
+        return cls(link_codec=link_codec, threshold_bytes=settings.auto_threshold_bytes,
+                   int8_block_size=settings.int8_block_size, zstd_level=settings.zstd_level)
 
 
 MAX_INT8_BLOCK_SIZE = 2**20

@@ -18,19 +18,22 @@ from .core import byte_view_of, decode_payload, encode_elements, resolve_codec
 from .errors import CodecError, CodecUsageError, CorruptFrameError, TruncatedFrameError
 from .frame import ChunkInfo, FrameHeader, parse_header
 from .metrics import METRICS, CodecMetrics
-from .policy import DEFAULT_INT8_BLOCK_SIZE, DEFAULT_STREAM_CHUNK_BYTES, DEFAULT_ZSTD_LEVEL, CodecPolicy
+from .policy import CodecPolicy, defaults
 from .tensors import Array, as_source, to_kind, to_numpy
 
 
-def encode_chunks(tensor, codec: str | CodecPolicy = "raw", chunk_bytes: int = DEFAULT_STREAM_CHUNK_BYTES, *,
-                  metrics: CodecMetrics | None = None, int8_block_size: int = DEFAULT_INT8_BLOCK_SIZE,
-                  zstd_level: int = DEFAULT_ZSTD_LEVEL) -> Iterator[bytes]:
+def encode_chunks(tensor, codec: str | CodecPolicy = "raw", chunk_bytes: int | None = None, *,
+                  metrics: CodecMetrics | None = None, int8_block_size: int | None = None,
+                  zstd_level: int | None = None) -> Iterator[bytes]:
     """Frames of about `chunk_bytes` tensor bytes each (at least one frame, even for an empty tensor).
+
+    Settings left None take configs/default.yaml's `codec:` values.
 
     Arguments are checked at the call; frames are produced as the iterator is consumed.
     """
     source = as_source(tensor)
     name, block_size, level = resolve_codec(codec, source.nbytes, int8_block_size, zstd_level)
+    chunk_bytes = defaults().stream_chunk_bytes if chunk_bytes is None else chunk_bytes
     if not (isinstance(chunk_bytes, int) and chunk_bytes > 0):
         raise CodecUsageError(f"chunk_bytes {chunk_bytes!r}: must be a positive number of bytes")
     per_chunk = max(1, chunk_bytes // source.dtype.itemsize)

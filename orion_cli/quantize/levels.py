@@ -23,11 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from ..errors import UsageError
-from .blockwise import METHODS as BLOCKWISE_METHODS
+from ..config import QuantLevel, QuantMethod, choices
 from .graph import WeightSite
 
-METHODS = ("auto", "gptq", *BLOCKWISE_METHODS)
+METHODS = choices(QuantMethod)
 AUTO_LINEAR_METHOD = "gptq"
 AUTO_EMBEDDING_METHOD = "kquant"
 # MatMulNBits computes with int8 activations: on the reference model q4 decodes about 2x faster than
@@ -51,23 +50,15 @@ LEVELS: dict[str, Level] = {
 }
 
 
+assert set(LEVELS) == set(choices(QuantLevel)), "config.QuantLevel and LEVELS disagree"
+
+
 def get_level(name: str) -> Level:
-    if name not in LEVELS:
-        raise UsageError(f"--level {name!r}: unknown level; choose one of {', '.join(LEVELS)}")
-    return LEVELS[name]
-
-
-def check_block_size(block_size: int | None) -> None:
-    if block_size is None:
-        return
-    if not 16 <= block_size <= 256 or block_size & (block_size - 1):
-        raise UsageError(f"--block-size {block_size}: must be a power of two from 16 to 256")
+    return LEVELS[name]  # the name was validated against config.QuantLevel
 
 
 def resolve_methods(method: str) -> tuple[str, str]:
     """(method for linear layers, method for the token embedding)."""
-    if method not in METHODS:
-        raise UsageError(f"--method {method!r}: unknown method; choose one of {', '.join(METHODS)}")
     if method == "auto":
         return AUTO_LINEAR_METHOD, AUTO_EMBEDDING_METHOD
     if method in ("rtn", "kquant"):

@@ -7,7 +7,6 @@ OUT/metadata.json provenance, the recipe, bits of every tensor, sizes, durations
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -18,19 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_output_dir, atomic_write_text, check_output
+from ..config import QuantizeSettings, override, shipped_config
 from ..errors import ModelDirError, UnsupportedModelError, UsageError
-from ..modeldir import METADATA_FILE, copy_support_files, hash_files, inspect_model_dir
+from ..modeldir import copy_support_files, hash_files
+from ..producing import Output, producing, recorded_provenance, resolve_source
 from ..progress import NULL_PROGRESS, ProgressReporter, Stopwatch
-from ..provenance import describe_source, make_provenance
-from ..registry import Registry, register_model, resolve_model_ref
 from .blockwise import BlockQuantized, quantize_weight
 from .evaluate import OnnxLM, QualityFigures, compare
 from .export import EXTERNAL_DATA_FILE, MODEL_FILE, check_supported, export_onnx
 from .gptq import quantize_gptq
 from .graph import WeightSite, embedding_block_size, find_weight_sites, read_weight, replace_site
 from .hessians import iter_hessians, site_inputs
-from .levels import ACCURACY_LEVEL, Level, allocate_bits, average_bits, check_block_size, get_level, resolve_methods
+from .levels import ACCURACY_LEVEL, Level, allocate_bits, average_bits, get_level, resolve_methods
 from .sensitivity import SensitivityProbe, measure_gains
 from .texts import TextPlan, plan_texts
 
@@ -60,63 +58,53 @@ class QuantizeResult:
 
 def quantize_model(
     model: str | Path,
-    output: str | Path | None = None,
-    level: str = "q4",
+    output: str | Path | Output | None = None,
     *,
-    method: str = "auto",
-    block_size: int | None = None,
+    settings: QuantizeSettings | None = None,
     test: bool = False,
-    eval_text: str | Path | None = None,
-    low_cpu_mem: bool = False,
-    keep_intermediate: bool = False,
-    force: bool = False,
-    register: str | None = None,
-    registry_path: str | Path = "models.json",
-    output_root: str | Path = "outputs",
-    calibration_tokens: int = 8192,
-    eval_tokens: int = 8192,
-    prompt: str = "def main():\n",
     progress: ProgressReporter = NULL_PROGRESS,
+    **overrides: Any,
 ) -> QuantizeResult:
     """Quantize a Hugging Face causal LM (directory or registry key) to a weight-only ONNX model in `output`.
 
-    `output` defaults to <output_root>/<model directory name>-<level>. Cheap checks
-    (level, method, block size, output, registry key, model directory, architecture,
-    --eval-text) all happen before the export starts.
+    `settings` (default: configs/default.yaml's quantize section) with any of its
+    fields given as keyword `overrides` (level="q3", method="rtn", ...). `output`
+    (a path, or an Output with --force/--register/--registry) defaults to
+    <output_root>/<model directory name>-<level>. Cheap checks (level,
+    method, block size, output, registry key, model directory and weights,
+    architecture, --eval-text) all happen before the export starts.
     """
     started = time.perf_counter()
-    recipe = get_level(level)
-    check_block_size(block_size)
-    linear_method, embedding_method = resolve_methods(method)
-    block = block_size or recipe.block_size
-    model_dir, key = resolve_model_ref(model, registry_path)
-    source = inspect_model_dir(model_dir).check_weights()
-    output = Path(output if output is not None else Path(output_root) / f"{source.root.absolute().name}-{level}")
-    eval_path = Path(eval_text) if eval_text else None
-    inputs = [("--model", source.root), ("--model", source.path)] + ([("--eval-text", eval_path)] if eval_path else [])
-    check_output(output, force, inputs)
-    output = output.absolute()
-    if register:
-        Registry(registry_path).check_key_free(register, force)
-    check_supported(source)
+    settings = override(settings or shipped_config().quantize, **overrides)
+    output = Output.of(output).resolved()
+    recipe = get_level(settings.level)
+    linear_method, embedding_method = resolve_methods(settings.method)
+    block = settings.block_size or recipe.block_size
+    source = resolve_source("--model", model, output.registry)
+    check_supported(source.model)
+    eval_path = Path(settings.eval_text) if settings.eval_text else None
     if eval_path is not None and not eval_path.is_file():
         raise UsageError(f"--eval-text {eval_path}: no such file")
 
     needs_calibration = linear_method == "gptq" or len(recipe.bits) > 1
     tokenizer = _tokenizer(source.path) if (needs_calibration or test) else None
-    texts = plan_texts(tokenizer, source.path, eval_path, calibration_tokens if needs_calibration else 0,
-                       eval_tokens if test else 0, _window(source.config)) if tokenizer is not None else None
+    texts = plan_texts(tokenizer, source.path, eval_path, settings.calibration_tokens if needs_calibration else 0,
+                       settings.eval_tokens if test else 0, _window(source.model.config)) \
+        if tokenizer is not None else None
 
     watch = Stopwatch()
-    with atomic_output_dir(output, force, inputs=inputs) as tmp:
+    with producing("quantize", [source], output, default_name=f"{source.model.root.absolute().name}-{settings.level}",
+                   parameters=settings.model_dump(), extra_inputs=[("--eval-text", eval_path)] if eval_path else [],
+                   progress=progress) as out:
+        tmp = out.tmp
         with watch.time("export"), progress.stage("Exporting to ONNX (optimum, with past key values)"):
-            fp32_path = export_onnx(source.path, tmp / ONNX_DIR, low_cpu_mem, source.config)
+            fp32_path = export_onnx(source.path, tmp / ONNX_DIR, settings.low_cpu_mem, source.model.config)
         quant_dir = tmp / QUANTIZED_DIR
         quant_dir.mkdir()
-        job = _QuantizeJob(fp32_path, source.config or {}, recipe, block, linear_method, embedding_method,
+        job = _QuantizeJob(fp32_path, source.model.config or {}, recipe, block, linear_method, embedding_method,
                            texts, watch, progress)
         graph, tensors, allocation = job.run()
-        external = low_cpu_mem or sum(t["bytes"] for t in tensors) > EXTERNAL_DATA_THRESHOLD
+        external = settings.low_cpu_mem or sum(t["bytes"] for t in tensors) > EXTERNAL_DATA_THRESHOLD
         with watch.time("write"), progress.stage("Writing the quantized model"):
             quant_path = _save(graph, fp32_path.parent, quant_dir, external)
             del graph
@@ -125,25 +113,18 @@ def quantize_model(
             _smoke_test(quant_path)
         quality, completions = None, {}
         if test:
-            quality, completions = _evaluate(fp32_path.parent, quant_dir, tokenizer, texts, prompt, watch, progress)
+            quality, completions = _evaluate(fp32_path.parent, quant_dir, tokenizer, texts, settings.prompt, watch,
+                                             progress)
         watch.durations["total"] = round(time.perf_counter() - started, 3)
-        metadata = _metadata(
-            source=source, key=key, recipe=recipe, block=block, method=method, linear_method=linear_method,
+        out.metadata.update(_metadata(
+            source=source.model, recipe=recipe, block=block, method=settings.method, linear_method=linear_method,
             embedding_method=embedding_method, tensors=tensors, allocation=allocation, texts=texts,
             fp32_dir=fp32_path.parent, quant_dir=quant_dir, quality=quality, watch=watch,
-            parameters=dict(level=level, method=method, block_size=block, low_cpu_mem=low_cpu_mem,
-                            keep_intermediate=keep_intermediate, test=test,
-                            eval_text=str(eval_path) if eval_path else None),
-        )
-        if not keep_intermediate:
+        ))
+        if not settings.keep_intermediate:
             shutil.rmtree(tmp / ONNX_DIR)
-        atomic_write_text(tmp / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
-
-    registered = None
-    if register:
-        register_model(output, register, registry_path, force=force)
-        registered = register
-    return QuantizeResult(output, output / QUANTIZED_DIR, metadata, registered, completions)
+    metadata = {"provenance": recorded_provenance(out.output), **out.metadata}
+    return QuantizeResult(out.output, out.output / QUANTIZED_DIR, metadata, out.registered, completions)
 
 
 def _window(config: dict[str, Any] | None) -> int:
@@ -342,8 +323,8 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _metadata(*, source, key, recipe, block, method, linear_method, embedding_method, tensors, allocation, texts,
-              fp32_dir, quant_dir, quality, watch, parameters) -> dict[str, Any]:
+def _metadata(*, source, recipe, block, method, linear_method, embedding_method, tensors, allocation, texts,
+              fp32_dir, quant_dir, quality, watch) -> dict[str, Any]:
     elements = sum(t["shape"][0] * t["shape"][1] for t in tensors)
     nominal = sum(t["bits"] * t["shape"][0] * t["shape"][1] for t in tensors) / elements
     stored = sum(t["bytes"] for t in tensors)
@@ -367,7 +348,6 @@ def _metadata(*, source, key, recipe, block, method, linear_method, embedding_me
     if allocation:
         quantization["allocation"] = {k: allocation[k] for k in ("target_bits", "bits", "criterion", "raised")}
     document = {
-        "provenance": make_provenance("quantize", parameters, [describe_source(source, key)]),
         "quantization": quantization,
         "sizes": {
             "source_bytes": source_bytes,

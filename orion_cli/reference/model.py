@@ -5,12 +5,11 @@ quantization look better than it is. It is deterministic for a machine, takes a
 few minutes on two cores, and is cached under the orion cache directory keyed by
 its recipe and corpus, so later runs reuse it.
 
-Run as a script: python -m orion_cli.reference.model [--cache-dir DIR] [--force]
+Build it alone: python -m orion_cli.reference [--cache-dir DIR] [--force]
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -181,20 +180,3 @@ def evaluate_perplexity(model, ids, seq_len: int) -> float:
             total_loss += loss.item()
             total_tokens += len(window) - 1
     return math.exp(total_loss / total_tokens)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from ..config import load_config
-    from ..progress import RichProgress
-
-    parser = argparse.ArgumentParser(description="Build (or find) the cached reference model and print its directory.")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="default: the orion cache directory")
-    parser.add_argument("--force", action="store_true", help="retrain even if a cached copy exists")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cache_dir = args.cache_dir or load_config().cache_path
-    print(ensure_reference_model(cache_dir, force=args.force, progress=RichProgress()))
-
-
-if __name__ == "__main__":
-    main()

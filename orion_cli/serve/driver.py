@@ -99,25 +99,26 @@ def run_driver(spec, runtime) -> int:
     from .control import ControlClient, bind_listening_socket
     from .worker import DistributedRunner
 
+    settings = spec.serve
     control = ControlClient.connect()
     sock = control.receive_listening_socket() if control is not None else None
     if sock is None:  # started by torchrun directly, not by `orion serve`
-        sock = bind_listening_socket(spec.host, spec.port)
+        sock = bind_listening_socket(settings.host, spec.port)
     tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
     served = ServedModel(
         id=spec.model_id, root=spec.model_dir, max_model_len=spec.max_model_len, tokenizer=tokenizer,
         vocab_size=runtime.shape.vocab_size,
-        metadata={"orion": {"engine": "torch", "architecture": spec.architecture, "tp": spec.tp, "pp": spec.pp,
-                            "layers_per_stage": spec.layer_counts, "backend": spec.backend, "dtype": spec.dtype,
-                            "activation_codec": spec.activation_codec,
+        metadata={"orion": {"engine": "torch", "architecture": spec.architecture, "tp": settings.tp,
+                            "pp": settings.pp, "layers_per_stage": spec.layer_counts, "backend": spec.backend,
+                            "dtype": settings.dtype, "activation_codec": settings.activation_codec,
                             **({"registry": spec.registry_entry} if spec.registry_entry else {})}},
     )
     announce = control.send if control is not None else (lambda message: log.info("%s", message))
     code = serve_http(
         DistributedRunner(runtime), served, sock, eos=eos_token_ids(spec.model_dir, tokenizer),
-        max_batch_size=spec.max_batch_size, api_key=spec.api_key, drain_timeout=spec.drain_timeout,
+        max_batch_size=settings.max_batch_size, api_key=settings.api_key, drain_timeout=settings.drain_timeout,
         verbose=spec.verbose, announce=announce,
-        describe={"engine": "torch", "tp": spec.tp, "pp": spec.pp, "backend": spec.backend},
+        describe={"engine": "torch", "tp": settings.tp, "pp": settings.pp, "backend": spec.backend},
     )["code"]
     if code:
         os._exit(code)  # peers may be gone: do not wait on the process group's teardown

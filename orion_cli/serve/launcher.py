@@ -3,7 +3,7 @@
 The agent is torch.distributed.launcher's elastic_launch (what torchrun runs)
 with c10d rendezvous: one node by default, or --nnodes nodes meeting at
 --master-addr:--master-port. It starts tp x pp / nnodes workers here
-(`python -m orion_cli.serve.worker`), restarts the group up to --max-restarts
+(`python -m orion_cli.serve.rank`), restarts the group up to --max-restarts
 times after a failure, and forwards SIGTERM/SIGINT to them. Rank 0 serves HTTP
 on the socket this process binds before any worker starts.
 """
@@ -14,71 +14,60 @@ import logging
 import os
 import sys
 import uuid
-from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import OrionError
-from .options import NODE_RANK_ENV, SPEC_ENV, ServeOptions, check_common, check_torch_options, resolve_model
+from ..config import CodecSettings, ServeSettings, override, shipped_config
+from .options import (NODE_RANK_ENV, SPEC_ENV, ServeError, ServeJob, ServeSummary, check_common, check_torch_options,
+                      resolve_model)
 
 log = logging.getLogger("orion_cli.serve")
 
 EventHandler = Callable[[dict[str, Any]], None]
 
 
-class ServeError(OrionError):
-    """A worker failed, the rendezvous did not complete, or the port could not be bound."""
+def serve(model: str | Path, settings: ServeSettings | None = None, *, codec: CodecSettings | None = None,
+          registry: str | Path | None = None, verbose: bool = False,
+          on_event: EventHandler = lambda event: None, **overrides: Any) -> ServeSummary:
+    """Serve `model` (a directory or registry key) until stopped; events ('ready', 'joined', ...) go to `on_event`.
 
-
-@dataclass
-class ServeSummary:
-    model: str
-    engine: str
-    url: str | None
-    nnodes: int
-    node_rank: int
-    tp: int
-    pp: int
-    requests: int = 0
-    generated_tokens: int = 0
-    restarts: int = 0
-    stopped_by: str | None = None
-    drained: bool | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"event": "stopped", **asdict(self)}
-
-
-def serve(options: ServeOptions, on_event: EventHandler = lambda event: None) -> ServeSummary:
-    """Serve `options.model` until stopped; events ('ready', 'joined', ...) go to `on_event`."""
-    check_common(options)
-    model, model_id, entry = resolve_model(options)
-    if model.format == "onnx":
+    `settings` and `codec` default to configs/default.yaml's serve and codec
+    sections; any serve setting may be given as a keyword override (tp=2, port=0).
+    """
+    defaults = shipped_config()
+    job = ServeJob(str(model), registry or defaults.registry, override(settings or defaults.serve, **overrides),
+                   codec or defaults.codec, verbose)
+    check_common(job.settings)
+    model_dir, model_id, entry = resolve_model(job)
+    if model_dir.format == "onnx":
         from .onnx_engine import serve_onnx
 
-        return serve_onnx(options, model, model_id, entry, on_event)
-    spec = check_torch_options(options, model, model_id, entry)
+        return serve_onnx(job, model_dir, model_id, entry, on_event)
+    spec = check_torch_options(job, model_dir, model_id, entry)
     for note in spec.notes:
         log.warning("%s", note)
+    settings = job.settings
     listening = None
-    if options.node_rank == 0:
+    if settings.node_rank == 0:
         from .control import bind_listening_socket
 
         try:
-            listening = bind_listening_socket(options.host, options.port)
+            listening = bind_listening_socket(settings.host, settings.port)
         except OSError as exc:
-            raise ServeError(f"--host {options.host} --port {options.port}: cannot listen there ({exc.strerror})") from None
+            raise ServeError(f"--host {settings.host} --port {settings.port}: cannot listen there "
+                             f"({exc.strerror})") from None
         spec.port = listening.getsockname()[1]
-    summary = ServeSummary(model_id, "torch", f"http://{options.host}:{spec.port}" if listening else None,
-                           options.nnodes, options.node_rank, options.tp, options.pp)
+    summary = ServeSummary(model_id, "torch", f"http://{settings.host}:{spec.port}" if listening else None,
+                           settings.nnodes, settings.node_rank, settings.tp, settings.pp)
     try:
-        _launch(options, spec, listening, summary, on_event)
+        _launch(job, spec, listening, summary, on_event)
     finally:
         if listening is not None:
             listening.close()
     return summary
 
 
-def _launch(options: ServeOptions, spec, listening, summary: ServeSummary, on_event: EventHandler) -> None:
+def _launch(job: ServeJob, spec, listening, summary: ServeSummary, on_event: EventHandler) -> None:
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
@@ -101,6 +90,7 @@ def _launch(options: ServeOptions, spec, listening, summary: ServeSummary, on_ev
         else:
             on_event(message)
 
+    options = job.settings
     control = ControlServer(listening, on_message)
     nproc = spec.world_size // options.nnodes
     worker_env = {
@@ -125,11 +115,11 @@ def _launch(options: ServeOptions, spec, listening, summary: ServeSummary, on_ev
         shutdown_timeout=int(options.drain_timeout) + 15,
         local_addr="127.0.0.1" if options.nnodes == 1 else None,
     )
-    _quiet_torchelastic(options.verbose)
+    _quiet_torchelastic(job.verbose)
     saved = {key: os.environ.get(key) for key in worker_env}
     os.environ.update(worker_env)  # the agent passes its environment on to the workers
     try:
-        elastic_launch(config, sys.executable)("-m", "orion_cli.serve.worker")
+        elastic_launch(config, sys.executable)("-m", "orion_cli.serve.rank")
     except ChildFailedError as exc:
         raise ServeError(describe_failure(exc)) from None
     except SignalException as exc:

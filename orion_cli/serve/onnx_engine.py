@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
+from .options import ServeError, ServeJob, ServeSummary
 from .protocol import StepPlan
 from .sampling import Sampler
 
@@ -107,23 +108,22 @@ class OnnxRunner:
                 "resident_bytes": psutil.Process().memory_info().rss}
 
 
-def serve_onnx(options, model, model_id: str, entry: dict[str, Any] | None, on_event) -> Any:
-    """Serve an ONNX directory in this process until SIGTERM/SIGINT; returns the launcher's ServeSummary."""
+def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None, on_event) -> ServeSummary:
+    """Serve an ONNX directory in this process until SIGTERM/SIGINT."""
     from .control import bind_listening_socket
     from .driver import eos_token_ids, serve_http
-    from .launcher import ServeError, ServeSummary
-    from .options import check_common
 
-    check_common(options)
-    ignored = [flag for flag, value, neutral in (("--tp", options.tp, 1), ("--pp", options.pp, 1),
-                                                 ("--nnodes", options.nnodes, 1), ("--pp-split", options.pp_split, None))
+    settings = job.settings
+    ignored = [flag for flag, value, neutral in (("--tp", settings.tp, 1), ("--pp", settings.pp, 1),
+                                                 ("--nnodes", settings.nnodes, 1),
+                                                 ("--pp-split", settings.pp_split, None))
                if value != neutral]
     if ignored:
         raise UsageError(f"{'/'.join(ignored)}: do not apply to ONNX models ({model.root}), which onnxruntime "
                          "serves in one process; serve the safetensors model for tensor/pipeline parallelism")
-    if options.dtype != "float32":
+    if settings.dtype != "float32":
         log.warning("--dtype %s: ignored for ONNX models, which run in the dtypes they were exported with",
-                    options.dtype)
+                    settings.dtype)
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer
 
@@ -138,15 +138,16 @@ def serve_onnx(options, model, model_id: str, entry: dict[str, Any] | None, on_e
                          f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     runner = OnnxRunner(ort_model)
     runner.weight_bytes = model.weight_bytes
-    max_positions = getattr(ort_model.config, "max_position_embeddings", None) or options.max_model_len
-    max_model_len = min(options.max_model_len, max_positions)
-    if max_model_len < options.max_model_len:
+    max_positions = getattr(ort_model.config, "max_position_embeddings", None) or settings.max_model_len
+    max_model_len = min(settings.max_model_len, max_positions)
+    if max_model_len < settings.max_model_len:
         log.warning("--max-model-len %d exceeds the model's %d positions; using %d",
-                    options.max_model_len, max_positions, max_model_len)
+                    settings.max_model_len, max_positions, max_model_len)
     try:
-        sock = bind_listening_socket(options.host, options.port)
+        sock = bind_listening_socket(settings.host, settings.port)
     except OSError as exc:
-        raise ServeError(f"--host {options.host} --port {options.port}: cannot listen there ({exc.strerror})") from None
+        raise ServeError(f"--host {settings.host} --port {settings.port}: cannot listen there "
+                         f"({exc.strerror})") from None
     from .api import ServedModel
 
     quantization = (model.metadata or {}).get("quantization")
@@ -160,8 +161,8 @@ def serve_onnx(options, model, model_id: str, entry: dict[str, Any] | None, on_e
     summary = ServeSummary(model_id, "onnxruntime", None, 1, 0, 1, 1)
     with sock:
         result = serve_http(runner, served, sock, eos=eos_token_ids(model.path, tokenizer),
-                            max_batch_size=options.max_batch_size, api_key=options.api_key,
-                            drain_timeout=options.drain_timeout, verbose=options.verbose,
+                            max_batch_size=settings.max_batch_size, api_key=settings.api_key,
+                            drain_timeout=settings.drain_timeout, verbose=job.verbose,
                             announce=lambda event: event.get("event") == "summary" or on_event(event),
                             describe={"engine": "onnxruntime", "tp": 1, "pp": 1})
     summary.url = result["url"]

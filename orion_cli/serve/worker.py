@@ -1,20 +1,16 @@
-"""One rank of `orion serve`, started by torchrun: `python -m orion_cli.serve.worker`.
+"""One rank's part of the engine: where it sits, its stage of the model, and how it executes plans.
 
 Every rank loads its stage's slice of the model and executes the plans that
-rank 0 broadcasts. Rank 0 also owns the scheduler and the HTTP server. Ranks
-are placed by (node rank, local rank) rather than by the rendezvous order, so
-stage 0 and the HTTP port are on the node started with --node-rank 0 whatever
-order the nodes joined in.
+rank 0 broadcasts (rank.py is the process around it; rank 0 also runs the
+scheduler and the HTTP server, driver.py). Ranks are placed by (node rank,
+local rank) rather than by the rendezvous order, so stage 0 and the HTTP port
+are on the node started with --node-rank 0 whatever order the nodes joined in.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import sys
-import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -23,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UsageError
-from .options import NODE_RANK_ENV, WorkerSpec
+from .options import WorkerSpec
 from .protocol import StepPlan
 from .tp import TPGroup
 
@@ -71,18 +67,18 @@ def build_topology(spec: WorkerSpec, node_rank: int, local_rank: int) -> Topolog
     _check_agreement(everyone)
     order = [entry[2] for entry in sorted(everyone, key=lambda e: (e[0], e[1]))]  # logical -> global
     logical = order.index(me)
-    stage, tp_rank = divmod(logical, spec.tp)
+    stage, tp_rank = divmod(logical, spec.serve.tp)
     tp_group = None
-    for s in range(spec.pp):  # every rank creates every group, in the same order
-        group = dist.new_group(order[s * spec.tp:(s + 1) * spec.tp]) if spec.tp > 1 else None
+    for s in range(spec.serve.pp):  # every rank creates every group, in the same order
+        group = dist.new_group(order[s * spec.serve.tp:(s + 1) * spec.serve.tp]) if spec.serve.tp > 1 else None
         if s == stage:
             tp_group = group
     return Topology(
         logical_rank=logical, global_rank=me, world_size=world, node_rank=node_rank, stage=stage,
-        tp=TPGroup(tp_rank, spec.tp, tp_group), cpu_group=cpu_group, driver=order[0],
-        sampler=order[(spec.pp - 1) * spec.tp], pp=spec.pp,
-        previous=order[logical - spec.tp] if stage > 0 else None,
-        next=order[logical + spec.tp] if stage < spec.pp - 1 else None,
+        tp=TPGroup(tp_rank, spec.serve.tp, tp_group), cpu_group=cpu_group, driver=order[0],
+        sampler=order[(spec.serve.pp - 1) * spec.serve.tp], pp=spec.serve.pp,
+        previous=order[logical - spec.serve.tp] if stage > 0 else None,
+        next=order[logical + spec.serve.tp] if stage < spec.serve.pp - 1 else None,
     )
 
 
@@ -110,23 +106,24 @@ class RankRuntime:
         self.spec = spec
         self.topology = topology
         self.device = device
-        self.dtype = DTYPES[spec.dtype]
+        self.dtype = DTYPES[spec.serve.dtype]
         hf_config = AutoConfig.from_pretrained(spec.model_dir)
         self.shape = model_shape(hf_config)
-        layer_range = split_layers(self.shape.num_layers, spec.pp, spec.layer_counts)[topology.stage]
+        layer_range = split_layers(self.shape.num_layers, spec.serve.pp, spec.layer_counts)[topology.stage]
         with CheckpointReader(spec.model_dir, flag="MODEL_DIR") as reader:
             self.stage = StageModel(self.shape, hf_config, layer_range, topology.first, topology.last, topology.tp,
-                                    WeightLoader(reader, self.dtype, device), spec.max_batch_size,
+                                    WeightLoader(reader, self.dtype, device), spec.serve.max_batch_size,
                                     spec.max_model_len)
         self.layer_range = layer_range
         self.sampler = Sampler() if topology.global_rank == topology.sampler else None
         self.link = None
-        if spec.pp > 1:
+        if spec.serve.pp > 1:
             from ..codec import CodecPolicy
-            from .pipeline import StageLink
+            from .stage_link import StageLink
 
-            policy = CodecPolicy(spec.activation_codec, **spec.codec_policy)
-            self.link = StageLink(policy, topology.cpu_group, topology.previous, topology.next)
+            codec = spec.codec_settings
+            policy = CodecPolicy.from_settings(spec.serve.activation_codec, codec)
+            self.link = StageLink(policy, codec.stream_chunk_bytes, topology.cpu_group, topology.previous, topology.next)
 
     def execute(self, plan: StepPlan) -> Any:
         """Run this rank's part of `plan`; rank 0 gets the sampled tokens (or every rank's stats)."""
@@ -223,102 +220,3 @@ def follow(runtime: RankRuntime) -> None:
         if plan.kind == "stop":
             return
         runtime.execute(plan)
-
-
-# -- process setup ------------------------------------------------------------------
-
-
-def _exit_with_parent() -> None:
-    """torchrun's agent is our parent: if it dies (SIGKILL), do not outlive it."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="orion-parent-watch", daemon=True).start()
-
-
-def _follower_signals(grace: float) -> None:
-    """torchrun signals every rank at once; followers keep serving rank 0's drain, within a deadline."""
-
-    def on_signal(signum, frame) -> None:
-        timer = threading.Timer(grace, lambda: os._exit(1))
-        timer.daemon = True
-        timer.start()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-
-
-def _setup_logging(verbose: bool, rank: str) -> None:
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if verbose else logging.WARNING,
-                        format=f"orion serve [rank {rank}] %(levelname)s %(message)s")
-    logging.getLogger("orion_cli").setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not verbose:
-        import warnings
-
-        warnings.filterwarnings("ignore")
-        for name in ("transformers", "torch", "uvicorn", "uvicorn.error", "uvicorn.access"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def main() -> int:
-    spec = WorkerSpec.from_env()
-    _setup_logging(spec.verbose, os.environ.get("RANK", "?"))
-    sys.stdout = sys.stderr  # stdout belongs to `orion serve --json`
-    _exit_with_parent()
-    node_rank = int(os.environ.get(NODE_RANK_ENV, "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if spec.backend == "nccl":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    try:
-        dist.init_process_group(spec.backend, timeout=PROCESS_GROUP_TIMEOUT,
-                                device_id=device if spec.backend == "nccl" else None)
-        topology = build_topology(spec, node_rank, local_rank)
-        if not topology.is_driver:
-            _follower_signals(spec.drain_timeout + 10)
-        runtime = RankRuntime(spec, topology, device)
-    except Exception as exc:  # noqa: BLE001 - a one-line reason, then a failed exit torchrun reports
-        _report_failure("startup", exc, spec.verbose)
-        return 1
-    if topology.is_driver:
-        from .driver import run_driver
-
-        return run_driver(spec, runtime)
-    try:
-        if topology.node_rank != 0 and local_rank == 0:
-            _announce_join(spec, topology)
-        follow(runtime)
-    except Exception as exc:  # noqa: BLE001
-        _report_failure("step", exc, spec.verbose)
-        os._exit(1)  # peers may be gone; do not wait on process-group teardown
-    dist.destroy_process_group()
-    return 0
-
-
-def _announce_join(spec: WorkerSpec, topology: Topology) -> None:
-    from .control import ControlClient
-
-    control = ControlClient.connect()
-    if control is not None:
-        control.hello()
-        control.send({"event": "joined", "node_rank": topology.node_rank, "stage": topology.stage,
-                      "world_size": topology.world_size})
-
-
-def _report_failure(when: str, exc: BaseException, verbose: bool) -> None:
-    if verbose:
-        log.exception("failed during %s", when)
-    first = (str(exc).strip().splitlines() or [""])[0]
-    sys.stderr.write(f"orion serve [rank {os.environ.get('RANK', '?')}]: {when} failed: {first}\n")
-    sys.stderr.flush()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

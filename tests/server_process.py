@@ -1,6 +1,6 @@
 """`orion serve` as a child process: start it, wait until it is ready, stop it, prove nothing is left.
 
-Used by the tests and by benchmarks/bench_serve.py. Every process the server
+Test support, used by the tests and by benchmarks/bench_serve.py. Every process the server
 starts (torchrun's agent, the workers, whatever they start) inherits a tag in
 its environment, so leftovers are found by tag even after they were
 re-parented to init, and killed.

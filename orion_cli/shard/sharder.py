@@ -22,23 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .atomic import atomic_output_dir, check_output
-from .checkpoint import CheckpointReader
-from .errors import ModelDirError, UnsupportedModelError, UsageError
-from .modeldir import ModelDir, copy_support_files, inspect_model_dir, sha256_file
-from .progress import NULL_PROGRESS, ProgressReporter
-from .provenance import describe_source
-from .registry import Registry, register_model, resolve_model_ref
-from .shard_io import SourceTensor, same_bytes, write_shards_alongside
-from .shard_load import ShardInfo, iter_shards, verify_sharded_dir
-from .shard_outputs import INFO_FILE, ShardRecord, ShardResult, sharding_info, write_hf_index, write_manifest, write_metadata
-from .shard_plan import (
+from ..checkpoint import CheckpointReader
+from ..config import ShardSettings, override, shipped_config
+from ..errors import ModelDirError, UnsupportedModelError, UsageError
+from ..modeldir import copy_support_files, sha256_file
+from ..producing import Output, producing, resolve_source
+from ..progress import NULL_PROGRESS, ProgressReporter
+from ..sizes import format_size, parse_size
+from ..weights import check_safetensors_file, read_safetensors_header
+from .io import SourceTensor, same_bytes, write_shards
+from .outputs import (INFO_FILE, ShardRecord, ShardResult, sharding_info, sharding_metadata, write_hf_index,
+                      write_manifest)
+from .plan import (
     GROUP_EMBEDDINGS, GROUP_HEAD, GROUP_NAMES, execution_order, layer_index, split_by_limit, split_into, tensor_group,
 )
-from .sizes import format_size, parse_size
-from .weights import check_safetensors_file, read_safetensors_header
-
-__all__ = ["ShardInfo", "ShardRecord", "ShardResult", "iter_shards", "shard_model", "verify_sharded_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -60,33 +57,27 @@ class _PlannedShard:
 
 def shard_model(
     model: str | Path,
-    output: str | Path | None = None,
+    output: str | Path | Output | None = None,
     *,
-    shards: int | None = None,
-    max_shard_size: str | int | None = None,
-    force: bool = False,
-    register: str | None = None,
-    registry: str | Path = "models.json",
-    output_root: str | Path = "outputs",
+    settings: ShardSettings | None = None,
     progress: ProgressReporter = NULL_PROGRESS,
+    **overrides: Any,
 ) -> ShardResult:
-    """Shard `model` (a directory or registry key) into `output` by count or by size."""
+    """Shard `model` (a directory or registry key) into `output` (a path or an Output) by count or by size
+    (settings.shards or settings.max_shard_size, also given as keyword overrides: shards=4)."""
     started = time.perf_counter()
-    limit = _check_strategy(shards, max_shard_size)
-    model_path, key = resolve_model_ref(model, registry)
-    source_dir = inspect_model_dir(model_path).check_weights()
-    output = Path(output) if output is not None else Path(output_root) / f"{source_dir.root.absolute().name}-sharded"
-    inputs = [("--model", source_dir.root), ("--model", source_dir.path)]
-    check_output(output, force, inputs)
-    if register:
-        Registry(registry).check_key_free(register, force)
+    settings = override(settings or shipped_config().shard, **overrides)
+    output = Output.of(output).resolved()
+    limit = _check_strategy(settings.shards, settings.max_shard_size)
+    source = resolve_source("--model", model, output.registry)
+    source_dir = source.model
 
     warnings: list[str] = []
     tied_dropped: list[str] = []
     onnx_source = None
     reader = None
     if source_dir.format == "onnx":
-        from .shard_onnx import read_onnx_source
+        from .onnx import read_onnx_source
 
         onnx_source = read_onnx_source(source_dir)
         tensors, metadata = onnx_source.tensors, {}
@@ -99,12 +90,15 @@ def shard_model(
         tensors, tied_dropped = _drop_tied_head(tensors, source_dir.config or {})
     if not tensors:
         raise ModelDirError(f"--model {model}: the checkpoint holds no tensors")
-    strategy = {"shards": shards} if shards is not None else {"max_shard_size": limit}
-    plan = _plan(tensors, shards, limit, source_dir.format, metadata, warnings)
+    strategy = {"shards": settings.shards} if settings.shards is not None else {"max_shard_size": limit}
+    plan = _plan(tensors, settings.shards, limit, source_dir.format, metadata, warnings)
+    weight_format = "onnx" if onnx_source else "safetensors"
 
     try:
-        with atomic_output_dir(output, force, inputs=inputs) as tmp:
-            records, source = _write_shards(tmp, plan, source_dir, key, progress)
+        with producing("shard", [source], output, default_name=f"{source_dir.root.absolute().name}-sharded",
+                       parameters=settings.model_dump(), progress=progress) as out:
+            tmp = out.tmp
+            records = _write_shards(tmp, plan, progress)
             model_file = None
             if onnx_source is not None:
                 placements = _onnx_placements(plan)
@@ -115,19 +109,16 @@ def shard_model(
                 write_hf_index(tmp, {t.name: s.file for s in plan for t in s.tensors}, sum(t.nbytes for t in tensors))
             copy_support_files(source_dir.path, tmp)
             result = ShardResult(
-                output=output.absolute(), weight_format="onnx" if onnx_source else "safetensors",
-                strategy=strategy, source=source, shards=records, tensor_count=len(tensors),
-                tied_dropped=tied_dropped, warnings=warnings,
+                output=out.output, weight_format=weight_format, strategy=strategy, source=out.source_records()[0],
+                shards=records, tensor_count=len(tensors), tied_dropped=tied_dropped, warnings=warnings,
             )
             write_manifest(tmp, result, model_file, tensors)
-            write_metadata(tmp, result, source_dir)
+            out.metadata.update(sharding_metadata(result, source_dir))
             (tmp / INFO_FILE).write_text(sharding_info(result, model_file), encoding="utf-8")
     finally:
         if reader is not None:
             reader.close()
-    if register:
-        register_model(output, register, registry, force=force)
-        result.registered = register
+    result.registered = out.registered
     result.seconds = time.perf_counter() - started
     return result
 
@@ -273,16 +264,12 @@ def _writer_threads(shard_count: int) -> int:
     return max(1, min(shard_count, cores, 4))
 
 
-def _write_shards(
-    directory: Path, plan: list[_PlannedShard], source_dir: ModelDir, key: str | None, progress: ProgressReporter,
-) -> tuple[list[ShardRecord], dict[str, Any]]:
-    """Write every shard (in parallel, sha256 computed as bytes go by) while the source is hashed for provenance."""
+def _write_shards(directory: Path, plan: list[_PlannedShard], progress: ProgressReporter) -> list[ShardRecord]:
+    """Write every shard, in parallel, sha256 computed as bytes go by."""
     total = sum(len(s.prefix) + sum(t.nbytes for t in s.tensors) for s in plan)
     jobs = [(directory / s.file, s.prefix, s.tensors) for s in plan]
     with progress.stage(f"Writing {len(plan)} shards ({format_size(total)})", total=total) as advance:
-        written, source = write_shards_alongside(
-            jobs, advance, lambda: describe_source(source_dir, key), threads=_writer_threads(len(plan))
-        )
+        written = write_shards(jobs, advance, threads=_writer_threads(len(plan)))
     records = []
     for index, (shard, (size, digest)) in enumerate(zip(plan, written, strict=True)):
         layers = [t.layer for t in shard.tensors if t.layer is not None]
@@ -292,7 +279,7 @@ def _write_shards(
             tensor_bytes=sum(t.nbytes for t in shard.tensors),
             layers=(min(layers), max(layers)) if layers else None, contains=[GROUP_NAMES[g] for g in groups],
         ))
-    return records, source
+    return records
 
 
 def _onnx_placements(plan: list[_PlannedShard]) -> dict[str, tuple[str, int]]:

@@ -23,8 +23,8 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import OrionError
-from .weights import read_safetensors_header
+from ..errors import OrionError
+from ..weights import read_safetensors_header
 
 log = logging.getLogger(__name__)
 

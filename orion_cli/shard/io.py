@@ -18,9 +18,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
-from .errors import ModelDirError
+from ..errors import ModelDirError
 
 # Large enough that syscalls cost nothing next to the copy, small enough that a
 # window just copied is still in the CPU cache when it is hashed.
@@ -142,17 +142,14 @@ class _Stopped(Exception):
     """Another writer failed or the user interrupted: this one stops at its next window."""
 
 
-def write_shards_alongside(
+def write_shards(
     jobs: Sequence[tuple[Path, bytes, Sequence[SourceTensor]]],
     advance: Callable[[float], None],
-    alongside: Callable[[], Any],
     threads: int,
-) -> tuple[list[tuple[int, str]], Any]:
-    """Write shards on `threads` threads while `alongside()` runs on one more; return both results.
+) -> list[tuple[int, str]]:
+    """Write shards on `threads` threads; (bytes, sha256) of each.
 
-    On any failure, or Ctrl-C, writers stop within one copy window and nothing
-    waits for `alongside` (a daemon thread: hashing a 100 GB source must not
-    hold up an interrupted run).
+    On any failure, or Ctrl-C, every writer stops within one copy window.
     """
     stop = threading.Event()
 
@@ -161,21 +158,10 @@ def write_shards_alongside(
             raise _Stopped()
         advance(count)
 
-    outcome: dict[str, Any] = {}
-
-    def run_alongside() -> None:
-        try:
-            outcome["value"] = alongside()
-        except BaseException as exc:  # handed to the caller below
-            outcome["error"] = exc
-
-    helper = threading.Thread(target=run_alongside, name="orion-shard-alongside", daemon=True)
-    helper.start()
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="orion-shard-writer")
     futures = [pool.submit(write_shard, path, prefix, tensors, advance_unless_stopped) for path, prefix, tensors in jobs]
     try:
-        written = [future.result() for future in futures]
-        helper.join()
+        return [future.result() for future in futures]
     except BaseException:
         stop.set()
         for future in futures:
@@ -183,9 +169,6 @@ def write_shards_alongside(
         raise
     finally:
         pool.shutdown(wait=True)  # quick: writers stop within one window once `stop` is set
-    if "error" in outcome:
-        raise outcome["error"]
-    return written, outcome["value"]
 
 
 def same_bytes(first: SourceTensor, second: SourceTensor) -> bool:

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .checkpoint import HF_INDEX_FILE
-from .modeldir import MANIFEST_FILE, METADATA_FILE, ModelDir
-from .provenance import make_provenance, utc_now
-from .shard_io import SourceTensor
-from .shard_load import MANIFEST_FORMAT, MANIFEST_VERSION
-from .sizes import format_size
+from .. import __version__
+from ..checkpoint import HF_INDEX_FILE
+from ..modeldir import MANIFEST_FILE, ModelDir
+from ..provenance import utc_now
+from .io import SourceTensor
+from .load import MANIFEST_FORMAT, MANIFEST_VERSION
+from ..sizes import format_size
 
 INFO_FILE = "SHARDING_INFO.md"
 
@@ -107,16 +107,16 @@ def write_manifest(directory: Path, result: ShardResult, model_file: dict[str, A
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def write_metadata(directory: Path, result: ShardResult, source_dir: ModelDir) -> None:
-    parameters = {"weight_format": result.weight_format, **result.strategy}
+def sharding_metadata(result: ShardResult, source_dir: ModelDir) -> dict[str, Any]:
+    """What metadata.json says beside the provenance: the shards, and the source's quantization."""
     metadata: dict[str, Any] = {
-        "provenance": make_provenance("shard", parameters, [result.source]),
-        "sharding": {"manifest": MANIFEST_FILE, "shards": len(result.shards), "total_bytes": result.total_bytes},
+        "sharding": {"manifest": MANIFEST_FILE, "weight_format": result.weight_format, "strategy": result.strategy,
+                     "shards": len(result.shards), "total_bytes": result.total_bytes},
     }
     quantization = (source_dir.metadata or {}).get("quantization")
     if isinstance(quantization, dict):  # a sharded quantized model is still that quantized model
         metadata["quantization"] = quantization
-    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    return metadata
 
 
 def sharding_info(result: ShardResult, model_file: dict[str, Any] | None) -> str:

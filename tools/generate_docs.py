@@ -5,7 +5,7 @@ field table of docs/registry.md (between its schema-table markers) comes from
 models.schema.json. tests/test_docs.py fails when either no longer matches.
 Regenerate both after changing a command's help or the schema:
 
-    python -m orion_cli.testing.generated_docs
+    python tools/generate_docs.py
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ HEADER = """\
 # CLI reference
 
 Every command's `--help`, generated from the CLI itself
-(`python -m orion_cli.testing.generated_docs`);
+(`python tools/generate_docs.py`);
 a test fails when this page and the CLI disagree.
 """
 
@@ -33,7 +33,7 @@ def command_paths() -> Iterator[tuple[str, ...]]:
     """Every command and subcommand of `orion`, depth first, in the order --help lists them."""
     import typer
 
-    from ..cli.app import app
+    from orion_cli.cli.app import app
 
     def walk(command, path: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
         if path:
@@ -48,7 +48,7 @@ def command_paths() -> Iterator[tuple[str, ...]]:
 
 def help_text(*path: str) -> str:
     """`orion PATH --help` as printed, at the reference width."""
-    from ..cli.app import run
+    from orion_cli.cli.app import run
 
     saved = {k: os.environ.get(k) for k in HELP_ENV}
     os.environ.update(HELP_ENV)
@@ -135,4 +135,4 @@ def write_all(repo: "os.PathLike[str] | str") -> None:
 if __name__ == "__main__":
     from pathlib import Path
 
-    write_all(Path(__file__).resolve().parents[2])
+    write_all(Path(__file__).resolve().parents[1])

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ModelDirError, UnsupportedModelError
-from .modeldir import ModelDir
-from .shard_io import SourceTensor
-from .shard_plan import GROUP_EMBEDDINGS, GROUP_FINAL, GROUP_HEAD, GROUP_LAYERS, layer_index, tensor_group
+from ..errors import ModelDirError, UnsupportedModelError
+from ..modeldir import ModelDir
+from .io import SourceTensor
+from .plan import GROUP_EMBEDDINGS, GROUP_FINAL, GROUP_HEAD, GROUP_LAYERS, layer_index, tensor_group
 
 # Inline initializers at least this large move into the shards too (onnx's own
 # default threshold for external data); smaller ones stay in the graph.

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ModelDirError, UnsupportedModelError, VerificationError
-from .modeldir import MANIFEST_FILE, sha256_file
-from .progress import NULL_PROGRESS, ProgressReporter
+from ..errors import ModelDirError, UnsupportedModelError, VerificationError
+from ..modeldir import MANIFEST_FILE, sha256_file
+from ..progress import NULL_PROGRESS, ProgressReporter
 
 MANIFEST_FORMAT = "orion-shard"
 MANIFEST_VERSION = 1
@@ -170,7 +170,7 @@ def iter_shards(
     manifest = read_manifest(directory, flag="directory")
     onnx_layout = None
     if manifest.weight_format == "onnx":
-        from .shard_onnx import tensor_layout
+        from .onnx import tensor_layout
 
         model_path, size, digest = _manifest_files(manifest)[0]
         if verify and (problem := check_file(model_path, size, digest)):
