@@ -101,29 +101,28 @@ def child_generate(model_dir: str) -> None:
 
 
 def decode_step_ms(model_dir: str, batch_sizes: list[int], cached: int = 100, repeats: int = 8) -> dict[int, float]:
-    """One decode step of orion's StageModel (tp=1) at each batch size: the ceiling continuous batching has
+    """One decode step of orion's stage model (tp=1) at each batch size: the ceiling continuous batching has
     on this machine is batch x step(1) / step(batch)."""
     import torch
     from transformers import AutoConfig
 
     from orion_cli.checkpoint import CheckpointReader
-    from orion_cli.serve.architectures import model_shape
-    from orion_cli.serve.model import StageModel, make_batch
+    from orion_cli.serve.attention import Step
+    from orion_cli.serve.plans import Shape
+    from orion_cli.serve.stage import StageModel
     from orion_cli.serve.tp import TPGroup, WeightLoader
 
     config = AutoConfig.from_pretrained(model_dir)
-    shape = model_shape(config)
     with CheckpointReader(model_dir) as reader:
-        stage = StageModel(shape, config, range(shape.num_layers), True, True, TPGroup(),
+        stage = StageModel(config, range(Shape.of(config).num_layers), True, True, TPGroup(),
                            WeightLoader(reader, torch.float32, torch.device("cpu")), max(batch_sizes), cached + 8)
     times: dict[int, list[float]] = {b: [] for b in batch_sizes}
     with torch.inference_mode():
         for _ in range(repeats + 1):  # interleaved, so load elsewhere on the machine hits every size alike
             for b in batch_sizes:
                 start = time.perf_counter()
-                batch = stage.prepare(make_batch(False, 0, [1] * b, [cached] * b, shape.sliding_window, stage.device),
-                                      torch.float32)
-                stage.logits(stage(stage.embed_tokens(torch.zeros(b, 1, dtype=torch.long), batch), batch), batch)
+                step = Step.make(False, 0, [1] * b, [cached] * b, stage.device)
+                stage.step(step, tokens=torch.zeros(b, 1, dtype=torch.long))
                 times[b].append(time.perf_counter() - start)
     return {b: statistics.median(t[1:]) * 1e3 for b, t in times.items()}
 

@@ -123,3 +123,25 @@ def test_a_dead_worker_fails_in_flight_requests_then_the_group_restarts_then_giv
         server.stop()
         leftovers = server.kill_leftovers()
         assert not leftovers, f"processes left behind: {leftovers}"
+
+
+@pytest.mark.parametrize("config, code, message", [
+    ({"model_type": "my_custom", "auto_map": {"AutoConfig": "configuration_custom.MyConfig",
+                                              "AutoModelForCausalLM": "modeling_custom.MyModel"}},
+     2, "names custom modeling code (auto_map); pass --trust-remote-code to run it"),
+    ({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]},
+     1, "architecture T5ForConditionalGeneration (model_type 't5') has no causal-LM class in transformers"),
+    ({"model_type": "stablelm", "architectures": ["StableLmForCausalLM"]},
+     1, "picks its attention classes itself and takes no attention function"),
+], ids=["remote-code", "no-causal-lm-class", "no-attention-functions"])
+def test_what_cannot_run_is_refused_with_the_reason(orion, tiny_llama, tmp_path, config, code, message):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "config.json").write_text(json.dumps({**json.loads((model / "config.json").read_text()), **config}))
+    result = orion("serve", model, "--port", "0")
+    assert result.exit_code == code, result.stderr
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr
+    assert _no_children()

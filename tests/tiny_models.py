@@ -47,8 +47,17 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                          decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    # RoPE scaling variants, with original lengths the test prompts exceed
+    "llama-rope-llama3": ("LlamaConfig", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                            "high_freq_factor": 4.0,
+                                                            "original_max_position_embeddings": 8})),
+    "qwen2-rope-yarn": ("Qwen2Config", dict(rope_scaling={"rope_type": "yarn", "factor": 64.0,
+                                                          "original_max_position_embeddings": 8})),
+    "phi3-rope-longrope": ("Phi3Config", dict(original_max_position_embeddings=8, rope_scaling={
+        "type": "longrope", "long_factor": [1.0 + i / 4 for i in range(8)], "short_factor": [1.0] * 8})),
 }
 ARCHITECTURES = tuple(TINY)
+SLIDING = ("mistral", "gemma2", "gemma3_text")  # models whose sliding window the test prompts exceed
 # The five the seed covered, for tests whose cost grows with the table and whose subject is not breadth.
 CORE = ("llama", "mistral", "qwen2", "phi3", "gpt2")
 

@@ -55,7 +55,8 @@ def eos_token_ids(model_dir: str | Path, tokenizer: Any) -> set[int]:
 
 def serve_http(runner: StepRunner, served: ServedModel, sock: socket.socket, *, eos: set[int],
                max_batch_size: int, api_key: str | None, drain_timeout: float, verbose: bool,
-               announce: Callable[[dict[str, Any]], None], describe: dict[str, Any]) -> dict[str, Any]:
+               announce: Callable[[dict[str, Any]], None], describe: dict[str, Any],
+               recompute_at: int | None = None) -> dict[str, Any]:
     """Serve until stopped; returns what happened, with the process exit code under "code"."""
     metrics = ServeMetrics()
     failed = threading.Event()
@@ -64,7 +65,8 @@ def serve_http(runner: StepRunner, served: ServedModel, sock: socket.socket, *, 
         failed.set()
         server.should_exit = True
 
-    scheduler = Scheduler(runner, served.tokenizer, eos, max_batch_size, served.max_model_len, metrics, on_failure)
+    scheduler = Scheduler(runner, served.tokenizer, eos, max_batch_size, served.max_model_len, metrics, on_failure,
+                          recompute_at)
     config = uvicorn.Config(create_app(scheduler, served, metrics, api_key), log_level="info" if verbose else "warning",
                             access_log=verbose, timeout_graceful_shutdown=int(max(1, drain_timeout)), lifespan="off")
     server = DrainingServer(config, scheduler)
@@ -119,6 +121,7 @@ def run_driver(spec, runtime) -> int:
         max_batch_size=settings.max_batch_size, api_key=settings.api_key, drain_timeout=settings.drain_timeout,
         verbose=spec.verbose, announce=announce,
         describe={"engine": "torch", "tp": settings.tp, "pp": settings.pp, "backend": spec.backend},
+        recompute_at=runtime.recompute_at,
     )["code"]
     if code:
         os._exit(code)  # peers may be gone: do not wait on the process group's teardown

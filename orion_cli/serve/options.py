@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CodecSettings, ServeSettings
-from ..errors import ModelDirError, OrionError, UsageError
+from ..errors import ModelDirError, OrionError, UnsupportedModelError, UsageError
 from ..modeldir import ModelDir
 from ..producing import resolve_source
 from ..registry import Registry
@@ -141,17 +141,17 @@ def resolve_backend(requested: str, nproc_per_node: int) -> str:
 
 def check_torch_options(job: ServeJob, model: ModelDir, model_id: str, entry: dict[str, Any] | None) -> WorkerSpec:
     """Everything about a safetensors/.bin model that can be checked without starting a worker."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .architectures import check_tensor_parallel, model_shape, split_layers
+    from .plans import Shape, check_parallel, model_plan, split_layers
 
     settings = job.settings
-    try:
-        hf_config = AutoConfig.from_pretrained(model.path)
-    except (OSError, ValueError) as exc:
-        raise ModelDirError(f"MODEL_DIR {model.root}: config.json cannot be read by transformers ({exc})") from None
-    shape = model_shape(hf_config)
-    check_tensor_parallel(shape, settings.tp)
+    hf_config = load_config(model, settings.trust_remote_code)
+    plan = model_plan(hf_config)
+    check_parallel(hf_config, plan, settings.tp, settings.pp)
+    shape = Shape.of(hf_config)
+    if settings.tp > 1:
+        check_planned_linears(hf_config, plan, settings.tp, shape)
     layers = split_layers(shape.num_layers, settings.pp, settings.pp_split)
     world = settings.tp * settings.pp
     if world % settings.nnodes:
@@ -159,10 +159,12 @@ def check_torch_options(job: ServeJob, model: ModelDir, model_id: str, entry: di
                          f"(--tp {settings.tp} x --pp {settings.pp})")
     backend = resolve_backend(settings.backend, world // settings.nnodes)
     try:
-        AutoTokenizer.from_pretrained(model.path)
+        AutoTokenizer.from_pretrained(model.path, trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelDirError(f"MODEL_DIR {model.root}: no usable tokenizer ({str(exc).splitlines()[0]})") from None
     notes = []
+    if plan.source == "orion" and world > 1:
+        notes.append(f"{hf_config.model_type}: transformers ships no parallel plan; using orion's")
     max_model_len = settings.max_model_len
     if max_model_len > shape.max_positions:
         notes.append(f"--max-model-len {max_model_len} exceeds the model's {shape.max_positions} positions; "
@@ -171,8 +173,55 @@ def check_torch_options(job: ServeJob, model: ModelDir, model_id: str, entry: di
     config_bytes = (model.path / "config.json").read_bytes()
     return WorkerSpec(
         model_dir=str(model.path.resolve()), model_id=model_id, registry_entry=entry,
-        architecture=model.architecture or shape.model_type, layer_counts=[len(r) for r in layers], backend=backend,
-        settings=settings.model_dump(), codec=job.codec.model_dump(), max_model_len=max_model_len,
+        architecture=model.architecture or hf_config.model_type, layer_counts=[len(r) for r in layers],
+        backend=backend, settings=settings.model_dump(), codec=job.codec.model_dump(), max_model_len=max_model_len,
         verbose=job.verbose, config_digest=hashlib.sha256(config_bytes).hexdigest()[:16], port=settings.port,
         notes=notes,
     )
+
+
+def load_config(model: ModelDir, trust_remote_code: bool) -> Any:
+    """The model's transformers config, refused (with the reason) when transformers has no causal-LM class for it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model.path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UsageError(f"MODEL_DIR {model.root}: its config.json names custom modeling code (auto_map); "
+                             "pass --trust-remote-code to run it") from None
+        raise ModelDirError(f"MODEL_DIR {model.root}: config.json cannot be read by transformers "
+                            f"({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise ModelDirError(f"MODEL_DIR {model.root}: config.json cannot be read by transformers ({exc})") from None
+    remote = bool(getattr(config, "auto_map", None) and "AutoModelForCausalLM" in config.auto_map)
+    arch = (getattr(config, "architectures", None) or [config.model_type])[0]
+    if not remote and type(config) not in AutoModelForCausalLM._model_mapping:
+        raise UnsupportedModelError(f"MODEL_DIR {model.root}: architecture {arch} (model_type {config.model_type!r}) "
+                                    "has no causal-LM class in transformers, so orion serve cannot run it")
+    if not remote and not getattr(AutoModelForCausalLM._model_mapping[type(config)], "_supports_attention_backend",
+                                  False):
+        raise UnsupportedModelError(f"MODEL_DIR {model.root}: transformers' {arch} picks its attention classes "
+                                    "itself and takes no attention function, so orion serve (whose KV cache is an "
+                                    "attention function) cannot run it")
+    return config
+
+
+def check_planned_linears(config: Any, plan: Any, tp: int, shape: Any) -> None:
+    """Every linear layer the tensor-parallel plan splits divides into whole shares (built on meta, no weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .plans import check_split_features
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    base = next(child for _, child in model.named_children()
+                if any(m is model.get_input_embeddings() for m in child.modules()))
+    for qualname, module in base.named_modules():
+        style = plan.style_of(qualname)
+        weight = getattr(module, "weight", None)
+        if style and style != "replicate" and weight is not None and weight.dim() == 2:
+            rows, cols = weight.shape
+            conv1d = type(module).__name__ == "Conv1D"
+            check_split_features(qualname, style, cols if conv1d else rows, rows if conv1d else cols, tp, shape)

@@ -86,7 +86,8 @@ class _Sequence:
 
 class Scheduler:
     def __init__(self, runner: StepRunner, tokenizer: Any, eos_token_ids: set[int], max_batch_size: int,
-                 max_model_len: int, metrics: ServeMetrics, on_failure: Callable[[str], None] | None = None):
+                 max_model_len: int, metrics: ServeMetrics, on_failure: Callable[[str], None] | None = None,
+                 recompute_at: int | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -94,6 +95,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.metrics = metrics
         self.on_failure = on_failure
+        self.recompute_at = recompute_at  # plans.recompute_position: the cache is rebuilt when a request reaches it
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._waiting: deque[_Sequence] = deque()
@@ -206,11 +208,22 @@ class Scheduler:
                 self._update_gauges()
                 plan = StepPlan("prefill", [s.id for s in admitted], [s.request.prompt_ids for s in admitted],
                                 [0] * len(admitted), first_slot, admit={s.id: s.spec for s in admitted})
+            elif (slot := self._needing_recompute()) is not None:
+                sequence = self._running[slot]
+                sequence.cached = 0  # its whole sequence is prefilled again into its own slot
+                plan = StepPlan("prefill", [sequence.id], [sequence.request.prompt_ids + sequence.generated], [0], slot)
             else:
                 self.metrics.decode_batch_size.observe(len(self._running))
                 plan = StepPlan("decode", [s.id for s in self._running], [[s.generated[-1]] for s in self._running],
                                 [s.cached for s in self._running])
             return self._with_pending(plan)
+
+    def _needing_recompute(self) -> int | None:
+        """The slot of a request whose next token reaches the position where the model's generate() rebuilds its
+        cache (Phi-3's longrope switching to its long factors), as transformers' generate() does."""
+        if self.recompute_at is None:
+            return None
+        return next((slot for slot, s in enumerate(self._running) if s.cached == self.recompute_at), None)
 
     def _stats_plan(self) -> StepPlan:
         self._last_stats = time.monotonic()

@@ -1,10 +1,12 @@
 """Tensor-parallel building blocks in the gpt-fast manner: plain modules holding one rank's slice.
 
-Column-parallel linears hold a slice of the output features and need no
-communication; row-parallel linears hold a slice of the input features and sum
-their partial outputs with one all-reduce. The vocabulary is split by rows, so
-the embedding sums masked lookups and the LM head gathers its logits. Weights
-are read slice by slice from the checkpoint's memory map, never whole.
+Column-parallel linears hold a share of the output features; row-parallel
+linears a share of the input features and sum their partial outputs with one
+all-reduce. The `_rep` styles of transformers' plans gather a column-parallel
+output, or take a row-parallel input replicated. The vocabulary is split by
+rows: the embedding sums masked lookups, the LM head gathers its logits.
+Weights are read slice by slice from the checkpoint's memory map, never whole;
+Conv1D weights (GPT-2, stored [in, out]) are sliced along the matching axis.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointReader
-from .architectures import Proj
+from .plans import Shape
 
 
 @dataclass
@@ -48,107 +50,128 @@ class TPGroup:
 
 
 class WeightLoader:
-    """Reads the rows or columns of checkpoint tensors that one rank holds, cast and placed."""
+    """Reads whole tensors, or one rank's rows or columns of them, cast and placed."""
 
     def __init__(self, reader: CheckpointReader, dtype: torch.dtype, device: torch.device):
         self.reader = reader
         self.dtype = dtype
         self.device = device
 
-    def _place(self, tensor: torch.Tensor) -> torch.Tensor:
+    def place(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=self.device, dtype=self.dtype).contiguous()
 
+    def has(self, name: str) -> bool:
+        return name in self.reader
+
     def full(self, name: str) -> torch.Tensor:
-        return self._place(self.reader.get_slice(name)[:])
+        return self.place(self.reader.get_slice(name)[:])
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._place(self.reader.get_slice(name)[start:stop])
+        return self.place(self.reader.get_slice(name)[start:stop])
 
-    def has(self, name: str | None) -> bool:
-        return name is not None and name in self.reader
+    def columns(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.place(self.reader.get_slice(name)[:, start:stop])
 
-    def out_features(self, proj: Proj, start: int, stop: int) -> torch.Tensor:
-        """Output features [start, stop) of a projection as a [out, in] weight."""
-        lo, hi = proj.offset + start, proj.offset + stop
-        if proj.conv1d:
-            return self._place(self.reader.get_slice(proj.weight)[:, lo:hi].t())
-        return self.rows(proj.weight, lo, hi)
-
-    def in_features(self, proj: Proj, start: int, stop: int) -> torch.Tensor:
-        """Input features [start, stop) of a projection as a [out, in] weight."""
-        if proj.conv1d:
-            return self._place(self.reader.get_slice(proj.weight)[start:stop].t())
-        return self._place(self.reader.get_slice(proj.weight)[:, start:stop])
-
-    def bias(self, proj: Proj, start: int | None = None, stop: int | None = None) -> torch.Tensor | None:
-        if not self.has(proj.bias):
-            return None
-        if start is None:
-            return self.full(proj.bias)
-        return self.rows(proj.bias, proj.offset + start, proj.offset + stop)
+    def features(self, name: str, start: int, stop: int, out: bool, conv1d: bool) -> torch.Tensor:
+        """Output (out=True) or input features [start, stop) of a linear weight, as an [out, in] tensor."""
+        if conv1d:  # stored [in, out]
+            sliced = self.columns(name, start, stop) if out else self.rows(name, start, stop)
+            return sliced.t().contiguous()
+        return self.rows(name, start, stop) if out else self.columns(name, start, stop)
 
 
-class ColumnParallelLinear(nn.Module):
-    """Holds output features of one or more projections (fused: q|k|v, gate|up); no communication."""
+class ParallelLinear(nn.Module):
+    """One rank's share of a linear layer (nn.Linear or Conv1D) under a plan style."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, style: str, tp: TPGroup,
+                 input_share: tuple[int, int] | None = None):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class RowParallelLinear(nn.Module):
-    """Holds input features; partial outputs are summed across the group.
-
-    The bias is held by rank 0 only, so the sum adds it once.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TPGroup):
-        super().__init__()
+        self.style = style
         self.tp = tp
         self.weight = nn.Parameter(weight, requires_grad=False)
-        keep_bias = bias is not None and tp.rank == 0
-        self.bias = nn.Parameter(bias, requires_grad=False) if keep_bias else None
+        keep_bias = bias is not None and (style.startswith("colwise") or tp.rank == 0)
+        self.bias = nn.Parameter(bias, requires_grad=False) if keep_bias else None  # a summed bias: rank 0 only
+        self.input_share = input_share  # rowwise_rep: the input features this rank takes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight, self.bias))
+        if self.input_share is not None:
+            x = x[..., self.input_share[0]:self.input_share[1]]
+        out = F.linear(x, self.weight, self.bias)
+        if self.style == "colwise_rep":
+            return self.tp.all_gather_last(out)
+        if self.style.startswith("rowwise"):
+            return self.tp.all_reduce(out)
+        return out
+
+
+def parallel_linear(module: nn.Module, name: str, style: str, tp: TPGroup, load: WeightLoader,
+                    shape: Shape) -> ParallelLinear:
+    """`module` (on the meta device) as this rank's ParallelLinear, its weights read from checkpoint `name`."""
+    conv1d = type(module).__name__ == "Conv1D"
+    in_features, out_features = (module.weight.shape if conv1d else module.weight.shape[::-1])
+    weight_name, bias_name = f"{name}.weight", f"{name}.bias"
+    has_bias = getattr(module, "bias", None) is not None
+    if style.startswith("colwise"):
+        start, stop = _output_share(out_features, style, tp, shape)
+        weight = load.features(weight_name, start, stop, out=True, conv1d=conv1d)
+        bias = load.rows(bias_name, start, stop) if has_bias else None
+        return ParallelLinear(weight, bias, style, tp)
+    start, stop = tp.share(in_features)
+    weight = load.features(weight_name, start, stop, out=False, conv1d=conv1d)
+    bias = load.full(bias_name) if has_bias else None
+    return ParallelLinear(weight, bias, style, tp, (start, stop) if style == "rowwise_rep" else None)
+
+
+def _output_share(out_features: int, style: str, tp: TPGroup, shape: Shape) -> tuple[int, int]:
+    """A key/value projection with fewer heads than ranks gives each rank the head its queries use
+    (a gathered projection is split evenly whatever it holds)."""
+    if style == "colwise" and out_features == shape.num_kv_heads * shape.head_dim and shape.num_kv_heads < tp.size:
+        first = shape.kv_head_start(tp.size, tp.rank)
+        return first * shape.head_dim, (first + 1) * shape.head_dim
+    return tp.share(out_features)
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [start, stop) of the vocabulary; other ids look up zeros and the group sums."""
+    """Rows [start, stop) of the vocabulary; other ids look up zeros and the group sums.
 
-    def __init__(self, weight: torch.Tensor, start: int, tp: TPGroup):
+    `embed_scale` is kept from an embedding that scales its own output (Gemma 3).
+    """
+
+    def __init__(self, weight: torch.Tensor, start: int, tp: TPGroup, embed_scale: float | None = None):
         super().__init__()
         self.tp = tp
         self.start = start
         self.weight = nn.Parameter(weight, requires_grad=False)
+        self.embed_scale = embed_scale
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(ids, self.weight)
-        local = ids - self.start
-        inside = (local >= 0) & (local < self.weight.shape[0])
-        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
-        out = out * inside.unsqueeze(-1).to(out.dtype)
-        return self.tp.all_reduce(out)
+            out = F.embedding(ids, self.weight)
+        else:
+            local = ids - self.start
+            inside = (local >= 0) & (local < self.weight.shape[0])
+            out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+            out = self.tp.all_reduce(out * inside.unsqueeze(-1).to(out.dtype))
+        if self.embed_scale is not None:
+            out = out * torch.tensor(self.embed_scale, dtype=self.weight.dtype)
+        return out
 
 
 class VocabParallelLMHead(nn.Module):
     """Logits for vocabulary rows [start, stop); the group gathers the full row of logits."""
 
-    def __init__(self, weight: torch.Tensor, vocab_size: int, rows_per_rank: int, tp: TPGroup):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int, rows_per_rank: int,
+                 tp: TPGroup):
         super().__init__()
         self.tp = tp
         self.vocab_size = vocab_size
         self.rows_per_rank = rows_per_rank
         # a Parameter is the embedding's own (tied weights): shared, not copied
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = F.linear(hidden, self.weight, self.bias)
         if self.tp.size == 1:
             return logits
         missing = self.rows_per_rank - logits.shape[-1]

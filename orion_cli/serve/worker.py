@@ -98,20 +98,21 @@ class RankRuntime:
         from transformers import AutoConfig
 
         from ..checkpoint import CheckpointReader
-        from .architectures import model_shape, split_layers
-        from .model import StageModel
+        from .plans import Shape, recompute_position, split_layers
         from .sampling import Sampler
+        from .stage import StageModel
         from .tp import WeightLoader
 
         self.spec = spec
         self.topology = topology
         self.device = device
         self.dtype = DTYPES[spec.serve.dtype]
-        hf_config = AutoConfig.from_pretrained(spec.model_dir)
-        self.shape = model_shape(hf_config)
+        hf_config = AutoConfig.from_pretrained(spec.model_dir, trust_remote_code=spec.serve.trust_remote_code)
+        self.shape = Shape.of(hf_config)
+        self.recompute_at = recompute_position(hf_config)
         layer_range = split_layers(self.shape.num_layers, spec.serve.pp, spec.layer_counts)[topology.stage]
         with CheckpointReader(spec.model_dir, flag="MODEL_DIR") as reader:
-            self.stage = StageModel(self.shape, hf_config, layer_range, topology.first, topology.last, topology.tp,
+            self.stage = StageModel(hf_config, layer_range, topology.first, topology.last, topology.tp,
                                     WeightLoader(reader, self.dtype, device), spec.serve.max_batch_size,
                                     spec.max_model_len)
         self.layer_range = layer_range
@@ -125,8 +126,13 @@ class RankRuntime:
             policy = CodecPolicy.from_settings(spec.serve.activation_codec, codec)
             self.link = StageLink(policy, codec.stream_chunk_bytes, topology.cpu_group, topology.previous, topology.next)
 
+    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> Any:
-        """Run this rank's part of `plan`; rank 0 gets the sampled tokens (or every rank's stats)."""
+        """Run this rank's part of `plan`; rank 0 gets the sampled tokens (or every rank's stats).
+
+        All of it runs in inference mode, slot moves included: the cache's tensors are made
+        there (torch refuses an in-place update of one outside it).
+        """
         topo = self.topology
         for source, target in plan.moves:
             self.stage.cache.move(source, target)
@@ -149,26 +155,20 @@ class RankRuntime:
             return received.tolist()
         return None
 
-    @torch.inference_mode()
     def _forward(self, plan: StepPlan) -> list[int] | None:
-        from .model import make_batch
+        from .attention import Step
 
         lengths = [len(t) for t in plan.tokens]
-        batch = make_batch(plan.kind == "prefill", plan.first_slot, lengths, plan.starts,
-                           self.shape.sliding_window, self.device)
-        batch = self.stage.prepare(batch, self.dtype)
+        step = Step.make(plan.kind == "prefill", plan.first_slot, lengths, plan.starts, self.device)
         if self.topology.first:
-            width = batch.width
-            ids = torch.tensor([t + [0] * (width - len(t)) for t in plan.tokens], device=self.device)
-            hidden = self.stage.embed_tokens(ids, batch)
+            ids = torch.tensor([t + [0] * (step.width - len(t)) for t in plan.tokens], device=self.device)
+            out = self.stage.step(step, tokens=ids)
         else:
-            hidden = self.link.receive(lengths, self.device, self.dtype)
-        hidden = self.stage(hidden, batch)
+            out = self.stage.step(step, hidden=self.link.receive(lengths, self.device, self.dtype))
         if not self.topology.last:
-            self.link.send(hidden, lengths)
+            self.link.send(out, lengths)
             return None
-        logits = self.stage.logits(hidden, batch)
-        return self.sampler.sample(logits, plan.request_ids) if self.sampler is not None else None
+        return self.sampler.sample(out, plan.request_ids) if self.sampler is not None else None
 
     def stats(self) -> dict[str, Any]:
         import psutil
