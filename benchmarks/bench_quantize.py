@@ -1,27 +1,34 @@
-"""orion quantize on the reference model: fp32 ONNX, q4, q3, q2 and the peer path, side by side.
+"""orion quantize against its peers: quality on the reference model, and time and memory at real sizes.
 
-The peer path is what a user does by hand with the same libraries:
+Default: the reference model, side by side with what a user does by hand with
+the same libraries:
 
     optimum-cli export onnx --model REF --task text-generation-with-past DIR
     python -m onnxruntime.quantization.matmul_nbits_quantizer --input_model DIR/model.onnx --output_model PEER/model.onnx
 
 (its defaults: 4 bits, blocks of 32, symmetric round-to-nearest, MatMul only, so
 the embedding stays fp32). Both paths start from the safetensors checkpoint and
-are timed as separate processes, export included.
-
-Every model is scored on the same windows of the reference model's held-out
-split against the fp32 ONNX export: perplexity change, KL(fp32 || model) and
-top-1 agreement. Sizes are fractions of the fp32 safetensors checkpoint. Decode
-speed is greedy generation with the KV cache in a bare onnxruntime loop (one
-thread, the prompt's prefill excluded), best of --repeats rounds in which the
-models take turns, as a ratio to fp32.
+are timed as separate processes, export included. Every model is scored on the
+same windows of the reference model's held-out split against the fp32 ONNX
+model (orion's --keep-intermediate): perplexity change, KL(fp32 || model) and
+top-1 agreement. Decode speed is greedy generation with the KV cache on one
+thread, best of --repeats rounds in which the models take turns.
 
 --sweep adds the measurements behind the per-level algorithm choice (every
-method at 4 and 2 bits, KL against fp32); --rss measures the peak RSS of
-`orion quantize` with and without --low-cpu-mem, each in its own process.
+method at 4 and 2 bits, KL against fp32).
+
+--scale quantizes random-weight bf16 checkpoints of real shapes (TinyLlama
+1.1B, Phi-3-mini 3.8B, Llama-3-8B; benchmarks/real_shapes.py writes them
+shard by shard into --checkpoints) with orion q4 (default settings, and
+--method rtn) and with llama.cpp (convert_hf_to_gguf.py to bf16 GGUF, then
+llama-quantize Q4_K_M; benchmarks/llama_cpp.py), taking turns, each as its
+own process. Wall time and the sampled peak resident memory of the whole
+process tree (benchmarks/measure.py) are reported, and their ratios to
+llama.cpp. Outputs are deleted after each measurement (Llama-3-8B's GGUF is 16 GB).
 
     python benchmarks/bench_quantize.py                    # the side-by-side table
-    python benchmarks/bench_quantize.py --sweep --rss --json results.json
+    python benchmarks/bench_quantize.py --sweep --json results.json
+    python benchmarks/bench_quantize.py --skip-side-by-side --scale --shapes phi-3-mini
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # measure, real_shapes, llama_cpp
 
 BIN = Path(sys.executable).parent
 LEVELS = ("q4", "q3", "q2")
@@ -100,57 +109,32 @@ def eval_windows(model: Path, tokens: int) -> np.ndarray:
 
 
 def quality(fp32_model: Path, candidate: Path, windows: np.ndarray) -> dict:
-    from orion_cli.quantize.evaluate import OnnxLM, compare
+    from orion_cli.onnx_decoder import OnnxDecoder
+    from orion_cli.quantize.evaluate import compare_onnx
 
-    return compare(OnnxLM(fp32_model), OnnxLM(candidate), windows).as_dict()
+    return compare_onnx(OnnxDecoder(fp32_model), OnnxDecoder(candidate), windows).as_dict()
 
 
-class GreedyDecoder:
-    """Greedy decoding with past key values, one token per step, in onnxruntime on one thread."""
-
-    def __init__(self, model_path: Path):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.past = [n for n in self.inputs if n.startswith("past_key_values")]
-        self.present = [n.replace("past_key_values", "present") for n in self.past]
-
-    def _step(self, ids: np.ndarray, start: int, cache: list[np.ndarray]):
-        length = start + ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, length), np.int64)}
-        if "position_ids" in self.inputs:
-            feeds["position_ids"] = np.arange(start, length, dtype=np.int64)[None]
-        feeds.update(zip(self.past, cache))
-        result = dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
-        return result["logits"], [result[n] for n in self.present]
-
-    def tokens_per_second(self, prompt_ids: list[int], new_tokens: int) -> float:
-        """Decode speed after the prompt's prefill (which is not timed)."""
-        shape = lambda n: (1, self.inputs[n].shape[1], 0, self.inputs[n].shape[3])  # noqa: E731
-        logits, cache = self._step(np.array([prompt_ids], np.int64), 0, [np.zeros(shape(n), np.float32) for n in self.past])
-        position = len(prompt_ids)
-        started = time.perf_counter()
-        for _ in range(new_tokens):
-            token = np.array([[int(logits[0, -1].argmax())]], np.int64)
-            logits, cache = self._step(token, position, cache)
-            position += 1
-        return new_tokens / (time.perf_counter() - started)
+def tokens_per_second(decoder, prompt_ids: list[int], new_tokens: int) -> float:
+    """Greedy decode speed after the prompt's prefill (which is not timed)."""
+    logits, past = decoder.run(np.array([prompt_ids], np.int64), None, None, None)
+    started = time.perf_counter()
+    for _ in range(new_tokens):
+        token = np.array([[int(logits[0, -1].argmax())]], np.int64)
+        logits, past = decoder.run(token, None, None, past)
+    return new_tokens / (time.perf_counter() - started)
 
 
 def decode_speeds(paths: list[Path], prompt_ids: list[int], new_tokens: int, repeats: int) -> list[float]:
     """Best tokens/s of each model over `repeats` rounds, the models taking turns within each round,
     so that load from other processes on a shared machine falls on all of them alike."""
-    decoders = [GreedyDecoder(path) for path in paths]
+    from orion_cli.onnx_decoder import OnnxDecoder
+
+    decoders = [OnnxDecoder(path, threads=1) for path in paths]
     best = [0.0] * len(paths)
     for _ in range(repeats):
         for index, decoder in enumerate(decoders):
-            best[index] = max(best[index], decoder.tokens_per_second(prompt_ids, new_tokens))
+            best[index] = max(best[index], tokens_per_second(decoder, prompt_ids, new_tokens))
     return best
 
 
@@ -227,7 +211,7 @@ def sweep(model: Path, root: Path, args) -> list[dict]:
         for method in SWEEP_METHODS:
             print(f"sweep: {level} {method} ...", file=sys.stderr)
             started = time.perf_counter()
-            result = quantize_model(model, root / f"sweep-{level}-{method}", level, method=method, test=True,
+            result = quantize_model(model, root / f"sweep-{level}-{method}", level=level, method=method, test=True,
                                     eval_tokens=args.eval_tokens)
             q = result.metadata["quality"]
             rows.append({
@@ -242,105 +226,70 @@ def sweep(model: Path, root: Path, args) -> list[dict]:
     return rows
 
 
-def embedding_alone(model: Path, root: Path) -> list[dict]:
-    """KL against fp32 with only the token embedding quantized, by each method that fits GatherBlockQuantized.
+# -- --scale: real sizes against llama.cpp ---------------------------------------------------------------
 
-    The sweep above changes the embedding and the linear layers together; this
-    isolates the embedding's method (GPTQ needs layer inputs, which a Gather has
-    not, so only the calibration-free methods compete there).
-    """
-    import onnx
-    from transformers import AutoTokenizer
+SCALE_SHAPES = ("tinyllama-1.1b", "phi-3-mini", "llama-3-8b")
 
-    from orion_cli.modeldir import inspect_model_dir
-    from orion_cli.quantize.blockwise import quantize_weight
-    from orion_cli.quantize.export import export_onnx
-    from orion_cli.quantize.graph import embedding_block_size, find_weight_sites, read_weight
-    from orion_cli.quantize.sensitivity import SensitivityProbe
-    from orion_cli.quantize.texts import plan_texts
 
-    config = inspect_model_dir(model).config
-    fp32 = export_onnx(model, root / "embedding-fp32", config=config)
-    graph = onnx.load(str(fp32))
-    sites = find_weight_sites(graph, config.get("vocab_size"))
-    index = next(i for i, s in enumerate(sites) if s.op == "Gather")
-    weight = read_weight(graph, sites[index], fp32.parent)
-    texts = plan_texts(AutoTokenizer.from_pretrained(model), model, None, 2048, 0, 128)
-    probe = SensitivityProbe(fp32, sites, texts.calibration)
+def scale(args) -> list[dict]:
+    import shutil
+
+    from llama_cpp import convert_command, llama_cpp_root, tool
+    from measure import run_measured
+    from real_shapes import write_random_checkpoint
+
     rows = []
-    for bits, block in ((4, 32), (2, 64)):
-        for method in ("rtn", "kquant"):
-            quantized = quantize_weight(weight, bits, embedding_block_size(sites[index].k, block), method)
-            rows.append({"bits": bits, "block_size": block, "embedding_method": method,
-                         "kl_divergence": round(probe.kl_with(index, quantized), 6)})
-    return rows
-
-
-RSS_SNIPPET = """
-import sys
-from orion_cli.quantize import quantize_model
-quantize_model(sys.argv[1], sys.argv[2], "q4", method="rtn", low_cpu_mem=sys.argv[3] == "1")
-"""
-# The reference model (20 MB) is smaller than torch's own footprint, so memory is measured on a
-# random-init Llama of ~67M parameters (268 MB in fp32) as well.
-RSS_CONFIG = dict(vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=6,
-                  num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
-                  tie_word_embeddings=False)
-
-
-def random_llama(directory: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from orion_cli.reference.tokenizer import corpus_tokenizer as tiny_tokenizer
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**RSS_CONFIG)).save_pretrained(directory, max_shard_size="10GB")
-    tiny_tokenizer().save_pretrained(directory)
-    return directory
-
-
-def sampled_peak_rss(command: list[str], interval: float = 0.02) -> dict:
-    """Run `command`; sample the resident memory of it and its children until it exits.
-
-    Sampled, not ru_maxrss: on Linux a process's ru_maxrss starts at its parent's
-    resident size at fork and survives exec, so children of a large process all
-    report the parent's size.
-    """
-    import psutil
-
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    watched = psutil.Process(process.pid)
-    peak_total = peak_main = peak_children = 0
-    while process.poll() is None:
-        try:
-            main = watched.memory_info().rss
-            children = sum(c.memory_info().rss for c in watched.children(recursive=True))
-        except psutil.Error:
-            continue
-        peak_main, peak_children = max(peak_main, main), max(peak_children, children)
-        peak_total = max(peak_total, main + children)
-        time.sleep(interval)
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-2000:]}")
-    return {"total": peak_total, "main": peak_main, "children": peak_children}
-
-
-def peak_rss(model: Path, root: Path) -> list[dict]:
-    """Peak RSS of q4 (rtn, no calibration) with and without low_cpu_mem, each run in a fresh process."""
-    from orion_cli.modeldir import inspect_model_dir
-
-    mib = lambda n: round(n / 2**20, 1)  # noqa: E731
-    rows = []
-    for name, directory in (("reference", model), ("random llama 67M", random_llama(root / "rss-model"))):
-        for low in (False, True):
-            out = root / f"rss-{name.split()[0]}-{int(low)}"
-            started = time.perf_counter()
-            peak = sampled_peak_rss([sys.executable, "-c", RSS_SNIPPET, str(directory), str(out), "1" if low else "0"])
-            rows.append({"model": name, "fp32_mib": mib(inspect_model_dir(directory).weight_bytes),
-                         "low_cpu_mem": low, "peak_rss_mib": mib(peak["total"]), "main_process_mib": mib(peak["main"]),
-                         "export_child_mib": mib(peak["children"]) if low else None,
-                         "seconds": round(time.perf_counter() - started, 1)})
+    have_peer = llama_cpp_root() is not None
+    if not have_peer:
+        print("llama.cpp is not built: the peer is left out (see benchmarks/llama_cpp.py)", file=sys.stderr)
+    for shape in args.shapes.split(","):
+        checkpoint = args.checkpoints / shape
+        if not (checkpoint / "model.safetensors.index.json").is_file():
+            print(f"writing {checkpoint} ...", file=sys.stderr)
+            write_random_checkpoint(shape, checkpoint)
+        weights = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+        work = args.work / shape
+        for repeat in range(args.repeats):
+            runs = [("orion q4 (default)", []), ("orion q4 --method rtn", ["--method", "rtn"])]
+            if have_peer:
+                runs.append(("llama.cpp Q4_K_M", None))
+            for name, flags in runs:
+                if flags == ["--method", "rtn"] and rows and rows[-1]["detail"].get("tokens") == 0:
+                    # the default already fell back to round-to-nearest: the same run again measures nothing new
+                    print(f"{shape}: {name} skipped (the default run was round-to-nearest)", file=sys.stderr)
+                    continue
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir(parents=True)
+                print(f"{shape}: {name} (round {repeat + 1}) ...", file=sys.stderr)
+                load = os.getloadavg()[0]
+                if flags is not None:
+                    steps = [run_measured([sys.executable, "-m", "orion_cli", "quantize", "--model", checkpoint,
+                                           "--output", work / "out", *flags], interval=0.2)]
+                    detail = json.loads((work / "out" / "metadata.json").read_text())["quantization"]["calibration"]
+                else:
+                    steps = [run_measured(convert_command(checkpoint, work / "model-bf16.gguf"), interval=0.2),
+                             run_measured([tool("llama-quantize"), work / "model-bf16.gguf",
+                                           work / "model-Q4_K_M.gguf", "Q4_K_M"], interval=0.2)]
+                    detail = {"convert_seconds": round(steps[0].seconds, 1)}
+                for step in steps:
+                    if step.returncode != 0:
+                        raise SystemExit(f"{shape} {name} failed:\n{step.stderr[-3000:]}")
+                output = sum(f.stat().st_size for f in work.rglob("*") if f.is_file()
+                             and (f.name.endswith(".onnx_data") or f.name.endswith("Q4_K_M.gguf")))
+                rows.append({"shape": shape, "weights_gib": round(weights / 2**30, 2), "tool": name,
+                             "round": repeat + 1, "seconds": round(sum(s.seconds for s in steps), 1),
+                             "peak_gib": round(max(s.peak_bytes for s in steps) / 2**30, 2),
+                             "output_gib": round(output / 2**30, 2), "load_before": round(load, 2),
+                             "detail": detail})
+                print(f"  {rows[-1]}", file=sys.stderr)
+        shutil.rmtree(work, ignore_errors=True)
+    if have_peer:
+        peers = {(r["shape"], r["round"]): r for r in rows if r["tool"].startswith("llama.cpp")}
+        for row in rows:
+            peer = peers.get((row["shape"], row["round"]))
+            if peer and row is not peer:
+                row["time_vs_llama_cpp"] = round(row["seconds"] / peer["seconds"], 2)
+                row["peak_vs_llama_cpp"] = round(row["peak_gib"] / peer["peak_gib"], 2)
     return rows
 
 
@@ -359,28 +308,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="decode-speed rounds; --scale rounds: 1")
     parser.add_argument("--sweep", action="store_true", help="also measure every method at 4 and 2 bits")
-    parser.add_argument("--rss", action="store_true", help="also measure peak RSS with and without --low-cpu-mem")
+    parser.add_argument("--scale", action="store_true", help="time and peak memory at real sizes vs llama.cpp")
+    parser.add_argument("--shapes", default=",".join(SCALE_SHAPES), help="--scale: which (comma-separated)")
+    parser.add_argument("--checkpoints", type=Path, default=Path.home() / ".cache" / "orion-bench",
+                        help="--scale: where the random checkpoints are (written when missing)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bench-quantize-scale",
+                        help="--scale: scratch for outputs (needs about 25 GB for Llama-3-8B)")
     parser.add_argument("--skip-side-by-side", action="store_true")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
 
-    model = reference_model()
-    results: dict = {"model": str(model)}
+    results: dict = {"load_average": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
         root = Path(tmp)
+        if not args.skip_side_by_side or args.sweep:
+            model = reference_model()
+            results["model"] = str(model)
         if not args.skip_side_by_side:
             results["side_by_side"] = side_by_side(model, root, args)
             print_table(results["side_by_side"])
         if args.sweep:
             results["sweep"] = sweep(model, root, args)
             print_table(results["sweep"])
-            results["embedding_alone"] = embedding_alone(model, root)
-            print_table(results["embedding_alone"])
-        if args.rss:
-            results["peak_rss"] = peak_rss(model, root)
-            print_table(results["peak_rss"])
+    if args.scale:
+        args.repeats = 1 if "--repeats" not in sys.argv else args.repeats
+        results["scale"] = scale(args)
+        print_table([{k: v for k, v in row.items() if k != "detail"} for row in results["scale"]])
+    results["load_average_after"] = os.getloadavg()
+    print(f"load average before {results['load_average']}, after {results['load_average_after']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

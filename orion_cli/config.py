@@ -81,12 +81,15 @@ class QuantizeSettings(_Section):
     block_size: int | None = Setting("Weights sharing one scale: 16..256, a power of two (null: the level's).",
                                      metavar="N", ge=16, le=256)
     method: QuantMethod = Setting("Algorithm; auto is GPTQ for linear layers and k-quant for the embedding.")
-    low_cpu_mem: bool = Setting("Export in a child process to external data and read weights one tensor at a time.")
+    low_cpu_mem: bool = Setting("Accepted and ignored: quantize always works a layer at a time now.")
     keep_intermediate: bool = Setting("Keep the fp32 ONNX export in OUT/onnx.")
     eval_text: str | None = Setting("Text to calibrate on (its first windows) and evaluate on (the rest); "
                                     "null: the reference corpus.", metavar="FILE")
     calibration_tokens: int = Setting("Tokens of calibration text (GPTQ statistics, q3 sensitivities).",
                                       metavar="N", ge=128)
+    calibration_minutes: float = Setting("With method auto: calibration is cut to finish in about this many "
+                                         "minutes on this machine (fewer tokens; below 1024, rtn).",
+                                         metavar="MIN", gt=0)
     eval_tokens: int = Setting("Tokens of held-out text --test evaluates on.", metavar="N", ge=128)
     prompt: str = Setting("The prompt --test completes greedily.", metavar="TEXT")
 

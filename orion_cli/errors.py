@@ -67,6 +67,6 @@ def describe(exc: BaseException) -> tuple[str, int]:
         where = f" writing {exc.filename}" if exc.filename else ""
         return f"no space left on device{where}", EXIT_FAILURE
     if isinstance(exc, MemoryError):
-        return "out of memory; for quantize try --low-cpu-mem, for serve a larger --tp", EXIT_FAILURE
+        return "out of memory; for quantize try fewer --calibration-tokens, for serve a larger --tp", EXIT_FAILURE
     first_line = (str(exc).strip().splitlines() or [""])[0]
     return f"unexpected {type(exc).__name__}: {first_line} (run with --verbose for the traceback)", EXIT_FAILURE

@@ -81,8 +81,7 @@ def tiny_config(name: str, **overrides: Any):
         vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
         # Wider than the usual 0.02 so random logits are far apart and greedy
         # decoding is not decided by float rounding.
-        initializer_range=0.2,
-        **{**shape, **extra, **overrides},
+        **{"initializer_range": 0.2, **shape, **extra, **overrides},
     )
 
 

@@ -15,7 +15,7 @@ from .options import producing_options, settings_options
 
 TestOpt = Annotated[
     bool,
-    typer.Option("--test", help="Compare with the fp32 model in onnxruntime: perplexity, KL, top-1 agreement, a completion."),
+    typer.Option("--test", help="Compare with transformers' fp32 model: perplexity, KL, top-1 agreement, a completion."),
 ]
 
 
@@ -31,9 +31,11 @@ def quantize(
 ) -> None:
     """Quantize a causal LM to a weight-only ONNX model that runs in stock onnxruntime.
 
-    Exports with optimum (with past key values), quantizes every linear layer and
-    the token embedding to MatMulNBits / GatherBlockQuantized, and writes
-    OUT/quantized (loadable with optimum's ORTModelForCausalLM) and
+    Any causal LM optimum can export with past key values. The graph comes from
+    optimum's export config without weights; every linear layer and the token
+    embedding are quantized from the checkpoint a layer at a time into
+    MatMulNBits / GatherBlockQuantized, so memory is bounded by a layer, not the
+    model. Writes OUT/quantized (loadable with optimum's ORTModelForCausalLM) and
     OUT/metadata.json. docs/quantization.md says what each level does.
 
     Examples:
@@ -43,6 +45,8 @@ def quantize(
       orion quantize --model phi3 --output outputs/phi3-q3 --level q3 --test --register phi3-q3
 
       orion quantize --model ./llama --output /tmp/llama-q2 --level q2 --method rtn --json
+
+      orion quantize --model ./llama-3-8b --output out/l3-q4 --calibration-minutes 60
     """
     state = use(json_output, verbose)
     settings = override(state.config().quantize, **(flags or {}))
@@ -78,7 +82,7 @@ def _render(console, result) -> None:
                     f"{quality['perplexity']:.3f} ({100 * quality['perplexity_change']:+.2f}%)")
     figures.add_row("KL divergence (nats/token)", "0", f"{quality['kl_divergence']:.5f}")
     figures.add_row("top-1 agreement", "100%", f"{100 * quality['top1_agreement']:.1f}%")
-    figures.add_row("size", format_size(sizes["onnx_fp32_bytes"]), format_size(sizes["quantized_bytes"]))
+    figures.add_row("size", format_size(sizes["fp32_bytes"]), format_size(sizes["quantized_bytes"]))
     console.print(figures)
     completion = quality["completion"]
     console.print(f"prompt: {completion['prompt']!r}")

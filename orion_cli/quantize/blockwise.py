@@ -164,3 +164,15 @@ def quantize_weight(weight: np.ndarray, bits: int, block_size: int, method: str)
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
     return QUANTIZERS[method](np.asarray(weight, dtype=np.float32), bits, block_size)
+
+
+def join_outputs(parts: list[BlockQuantized]) -> BlockQuantized:
+    """One weight from blocks of its output features quantized apart (every array is laid out by output)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return BlockQuantized(
+        np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]),
+        np.concatenate([p.zero_points for p in parts]), first.bits, first.block_size, first.k,
+        sum(p.n for p in parts), first.method,
+    )

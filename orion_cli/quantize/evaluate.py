@@ -1,22 +1,28 @@
-"""How much a quantized model departs from its fp32 export, measured in onnxruntime.
+"""How much a quantized model departs from the fp32 model it came from.
 
-Both models read the same token windows of held-out text in one forward pass
-each (no past, so no KV cache is involved); from the two next-token
-distributions at every position come perplexity, the KL divergence
-KL(fp32 || quantized) and how often their top-1 tokens agree. Windows go through
-in small batches so memory stays at a few batches of logits, whatever the vocabulary.
+The reference is transformers' own model in fp32, run layer by layer from
+the checkpoint (layerwise.py), so --test costs a layer's memory like the rest
+of quantize; the quantized model runs in onnxruntime through OnnxDecoder.
+Both read the same token windows of held-out text (no past, so no KV cache is
+involved); from the two next-token distributions at every position come
+perplexity, the KL divergence KL(fp32 || quantized) and how often their top-1
+tokens agree. Logits are formed a few windows at a time, so memory stays at
+a few batches of logits, whatever the vocabulary.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..progress import Advance
+
+if TYPE_CHECKING:
+    from ..onnx_decoder import OnnxDecoder
+    from .layerwise import LayerwiseModel
 
 BATCH_WINDOWS = 8
 
@@ -49,45 +55,6 @@ def token_windows(tokenizer, text: str, window: int, max_windows: int) -> np.nda
     return np.stack([ids[i * window : i * window + window + 1] for i in range(count)])
 
 
-class OnnxLM:
-    """One onnxruntime session over a decoder exported with past key values, run without a past."""
-
-    def __init__(self, model: str | Path | bytes, threads: int | None = None, extra_inputs: Iterable[str] = ()):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        extra = set(extra_inputs)
-        self.inputs = [i for i in self.session.get_inputs() if i.name not in extra]
-
-    def feeds(self, input_ids: np.ndarray) -> dict[str, np.ndarray]:
-        batch, length = input_ids.shape
-        feeds: dict[str, np.ndarray] = {}
-        for item in self.inputs:
-            if item.name == "input_ids":
-                feeds[item.name] = input_ids
-            elif item.name == "attention_mask":
-                feeds[item.name] = np.ones((batch, length), dtype=np.int64)
-            elif item.name == "position_ids":
-                feeds[item.name] = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length)).copy()
-            elif item.name.startswith("past_key_values"):
-                shape = [batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(item.shape)]
-                feeds[item.name] = np.zeros(shape, dtype=np.float32)
-            else:
-                raise ValueError(f"unexpected model input {item.name!r}")
-        return feeds
-
-    def logits(self, input_ids: np.ndarray, extra: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
-        feeds = self.feeds(input_ids)
-        if extra:
-            feeds.update(extra)
-        return self.session.run(["logits"], feeds)[0]
-
-
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """In float32: KL values of 1e-4 stay exact to a few digits, and it is twice as fast as float64."""
     shifted = logits.astype(np.float32) - logits.max(axis=-1, keepdims=True)
@@ -103,7 +70,7 @@ class _Accumulator:
         self.agree = 0
 
     def add(self, ref_logp: np.ndarray, logp: np.ndarray, targets: np.ndarray) -> None:
-        take = lambda lp: np.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]  # noqa: E731
+        take = lambda lp: np.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
         self.nll_ref -= float(take(ref_logp).sum(dtype=np.float64))
         self.nll -= float(take(logp).sum(dtype=np.float64))
         self.kl += float((np.exp(ref_logp) * (ref_logp - logp)).sum(dtype=np.float64))
@@ -121,37 +88,43 @@ class _Accumulator:
         )
 
 
-def compare(reference: OnnxLM, candidate: OnnxLM, windows: np.ndarray, advance: Advance | None = None,
-            candidate_inputs: Mapping[str, np.ndarray] | None = None) -> QualityFigures:
-    """Perplexity of both models, KL and top-1 agreement of the candidate against the reference."""
+def _compare(reference_logits, candidate_logits, windows: np.ndarray, advance: Advance | None) -> QualityFigures:
     acc = _Accumulator()
     for start in range(0, len(windows), BATCH_WINDOWS):
-        batch = windows[start : start + BATCH_WINDOWS]
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        ref_logp = log_softmax(reference.logits(inputs))
-        logp = log_softmax(candidate.logits(inputs, candidate_inputs))
-        acc.add(ref_logp, logp, targets)
+        stop = min(start + BATCH_WINDOWS, len(windows))
+        acc.add(log_softmax(reference_logits(start, stop)), log_softmax(candidate_logits(start, stop)),
+                windows[start:stop, 1:])
         if advance:
-            advance(len(batch))
+            advance(stop - start)
     return acc.figures()
 
 
-class CachedReference:
-    """The fp32 model's log-probabilities on a fixed set of windows, computed once.
+def compare_with_reference(reference: LayerwiseModel, candidate: OnnxDecoder, windows: np.ndarray,
+                           advance: Advance | None = None) -> QualityFigures:
+    """Perplexity of both models, KL and top-1 agreement of the candidate against the fp32 reference."""
+    inputs = windows[:, :-1]
+    hidden = reference.final_hidden(inputs)
+    return _compare(lambda start, stop: reference.logits(hidden[start:stop]).numpy(),
+                    lambda start, stop: candidate.logits(inputs[start:stop]), windows, advance)
 
-    The q3 allocation scores dozens of candidate weight sets against the same
-    reference; caching its distributions halves the work.
-    """
 
-    def __init__(self, reference: OnnxLM, windows: np.ndarray, extra: Mapping[str, np.ndarray] | None = None):
-        self.windows = windows
-        self.batches = []
-        for start in range(0, len(windows), BATCH_WINDOWS):
-            batch = windows[start : start + BATCH_WINDOWS]
-            self.batches.append((batch, log_softmax(reference.logits(batch[:, :-1], extra))))
+def compare_onnx(reference: OnnxDecoder, candidate: OnnxDecoder, windows: np.ndarray,
+                 advance: Advance | None = None) -> QualityFigures:
+    """The same figures for two ONNX models (benchmarks compare other tools' output this way)."""
+    inputs = windows[:, :-1]
+    return _compare(lambda start, stop: reference.logits(inputs[start:stop]),
+                    lambda start, stop: candidate.logits(inputs[start:stop]), windows, advance)
 
-    def score(self, candidate: OnnxLM, extra: Mapping[str, np.ndarray] | None = None) -> QualityFigures:
-        acc = _Accumulator()
-        for batch, ref_logp in self.batches:
-            acc.add(ref_logp, log_softmax(candidate.logits(batch[:, :-1], extra)), batch[:, 1:])
-        return acc.figures()
+
+def reference_greedy(reference: LayerwiseModel, prompt: list[int], max_new_tokens: int,
+                     eos: set[int] = frozenset()) -> list[int]:
+    """Greedy decoding with the fp32 reference, without a cache (each step reruns the whole sequence)."""
+    ids, out = list(prompt), []
+    for _ in range(max_new_tokens):
+        hidden = reference.final_hidden(np.array([ids], dtype=np.int64))
+        token = int(reference.logits(hidden[:, -1]).argmax())
+        if token in eos:
+            break
+        out.append(token)
+        ids.append(token)
+    return out

@@ -1,8 +1,15 @@
-"""quantize_model(): export, quantize, check, evaluate and write OUT atomically.
+"""quantize_model(): export the graph, quantize a layer at a time, check, evaluate, write OUT atomically.
 
-OUT/quantized/    model.onnx (+ model.onnx_data), config, generation config, tokenizer
-OUT/onnx/         the fp32 export, only with keep_intermediate
+OUT/quantized/    model.onnx + model.onnx_data, config, generation config, tokenizer
+OUT/onnx/         the fp32 model, only with keep_intermediate
 OUT/metadata.json provenance, the recipe, bits of every tensor, sizes, durations, versions, quality
+
+Memory is bounded by a layer, not the model: the graph is exported without
+weights (export.py), each weight is read from the checkpoint's memory map a
+row block at a time and written quantized straight into the external data
+file (sites.py), and calibration runs transformers' model a decoder layer at
+a time (layerwise.py, calibration.py), quantizing each layer while its
+Hessians exist.
 """
 
 from __future__ import annotations
@@ -11,34 +18,36 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..checkpoint import CheckpointReader
 from ..config import QuantizeSettings, override, shipped_config
 from ..errors import ModelDirError, UnsupportedModelError, UsageError
-from ..modeldir import copy_support_files, hash_files
+from ..modeldir import copy_support_files
+from ..onnx_decoder import OnnxDecoder
 from ..producing import Output, producing, recorded_provenance, resolve_source
 from ..progress import NULL_PROGRESS, ProgressReporter, Stopwatch
-from .blockwise import BlockQuantized, quantize_weight
-from .evaluate import OnnxLM, QualityFigures, compare
-from .export import EXTERNAL_DATA_FILE, MODEL_FILE, check_supported, export_onnx
-from .gptq import quantize_gptq
-from .graph import WeightSite, embedding_block_size, find_weight_sites, read_weight, replace_site
-from .hessians import iter_hessians, site_inputs
+from .budget import CalibrationPlan, calibration_cost, plan_calibration
+from .calibration import collect_hessians
+from .evaluate import compare_with_reference, reference_greedy
+from .export import EXTERNAL_DATA_FILE, MODEL_FILE, check_supported, export_graph
+from .graph import (ExternalData, WeightSite, find_weight_sites, parameter_inputs, parameters_left,
+                    parameters_to_initializers, quantized_node, symbolic_cache_dims)
+from .layerwise import LayerwiseModel
 from .levels import ACCURACY_LEVEL, Level, allocate_bits, average_bits, get_level, resolve_methods
-from .sensitivity import SensitivityProbe, measure_gains
+from .report import quantize_metadata
+from .sites import Candidate, CandidateStore, embedding_block_size, quantize_site
+from .tensors import ModelTensors, row_blocks
 from .texts import TextPlan, plan_texts
 
 log = logging.getLogger(__name__)
 
 QUANTIZED_DIR = "quantized"
 ONNX_DIR = "onnx"
-# Quantized weights above this are written as external data (model.onnx_data); protobuf caps a file at 2 GiB.
-EXTERNAL_DATA_THRESHOLD = 1 << 30
-TOOLS = ("onnxruntime", "onnx", "optimum", "optimum-onnx", "transformers", "torch", "numpy")
+SCRATCH_DIR = ".scratch"
 COMPLETION_TOKENS = 32
 
 
@@ -72,63 +81,53 @@ def quantize_model(
     (a path, or an Output with --force/--register/--registry) defaults to
     <output_root>/<model directory name>-<level>. Cheap checks (level,
     method, block size, output, registry key, model directory and weights,
-    architecture, --eval-text) all happen before the export starts.
+    --eval-text) all happen before the export starts; what optimum cannot
+    export fails at the export with its reason.
     """
     started = time.perf_counter()
     settings = override(settings or shipped_config().quantize, **overrides)
     output = Output.of(output).resolved()
     recipe = get_level(settings.level)
-    linear_method, embedding_method = resolve_methods(settings.method)
-    block = settings.block_size or recipe.block_size
     source = resolve_source("--model", model, output.registry)
     check_supported(source.model)
     eval_path = Path(settings.eval_text) if settings.eval_text else None
     if eval_path is not None and not eval_path.is_file():
         raise UsageError(f"--eval-text {eval_path}: no such file")
 
-    needs_calibration = linear_method == "gptq" or len(recipe.bits) > 1
-    tokenizer = _tokenizer(source.path) if (needs_calibration or test) else None
-    texts = plan_texts(tokenizer, source.path, eval_path, settings.calibration_tokens if needs_calibration else 0,
-                       settings.eval_tokens if test else 0, _window(source.model.config)) \
-        if tokenizer is not None else None
-
     watch = Stopwatch()
     with producing("quantize", [source], output, default_name=f"{source.model.root.absolute().name}-{settings.level}",
                    parameters=settings.model_dump(), extra_inputs=[("--eval-text", eval_path)] if eval_path else [],
                    progress=progress) as out:
-        tmp = out.tmp
-        with watch.time("export"), progress.stage("Exporting to ONNX (optimum, with past key values)"):
-            fp32_path = export_onnx(source.path, tmp / ONNX_DIR, settings.low_cpu_mem, source.model.config)
-        quant_dir = tmp / QUANTIZED_DIR
-        quant_dir.mkdir()
-        job = _QuantizeJob(fp32_path, source.model.config or {}, recipe, block, linear_method, embedding_method,
-                           texts, watch, progress)
-        graph, tensors, allocation = job.run()
-        external = settings.low_cpu_mem or sum(t["bytes"] for t in tensors) > EXTERNAL_DATA_THRESHOLD
-        with watch.time("write"), progress.stage("Writing the quantized model"):
-            quant_path = _save(graph, fp32_path.parent, quant_dir, external)
-            del graph
-            copy_support_files(source.path, quant_dir)
+        scratch = out.tmp / SCRATCH_DIR
+        scratch.mkdir()
+        with watch.time("export"), progress.stage("Exporting the graph (optimum's export config, no weights)"):
+            graph_path = export_graph(source.path, scratch / MODEL_FILE)
+        job = _QuantizeJob(source.path, graph_path, out.tmp / QUANTIZED_DIR, scratch, recipe, settings, eval_path,
+                           test, watch, progress)
+        tensors, allocation = job.run()
         with watch.time("check"), progress.stage("Checking the quantized model runs in onnxruntime"):
-            _smoke_test(quant_path)
+            decoder = _smoke_test(job.quant_path)
         quality, completions = None, {}
         if test:
-            quality, completions = _evaluate(fp32_path.parent, quant_dir, tokenizer, texts, settings.prompt, watch,
-                                             progress)
+            quality, completions = job.evaluate(decoder, settings.prompt)
+        del decoder
+        if settings.keep_intermediate:
+            with watch.time("write_fp32"), progress.stage("Writing the fp32 model (--keep-intermediate)"):
+                job.write_fp32(out.tmp / ONNX_DIR)
+        shutil.rmtree(scratch)
         watch.durations["total"] = round(time.perf_counter() - started, 3)
-        out.metadata.update(_metadata(
-            source=source.model, recipe=recipe, block=block, method=settings.method, linear_method=linear_method,
-            embedding_method=embedding_method, tensors=tensors, allocation=allocation, texts=texts,
-            fp32_dir=fp32_path.parent, quant_dir=quant_dir, quality=quality, watch=watch,
+        out.metadata.update(quantize_metadata(
+            source=source.model, recipe=recipe, block=job.block, method=settings.method, plan=job.plan,
+            embedding_method=job.embedding_method, tensors=tensors, allocation=allocation, texts=job.texts,
+            parameter_count=job.parameter_count, quant_dir=job.quant_path.parent, quality=quality, watch=watch,
+            accuracy_level=ACCURACY_LEVEL,
         ))
-        if not settings.keep_intermediate:
-            shutil.rmtree(tmp / ONNX_DIR)
     metadata = {"provenance": recorded_provenance(out.output), **out.metadata}
     return QuantizeResult(out.output, out.output / QUANTIZED_DIR, metadata, out.registered, completions)
 
 
-def _window(config: dict[str, Any] | None) -> int:
-    limit = (config or {}).get("max_position_embeddings") or (config or {}).get("n_positions") or 2048
+def _window(config) -> int:
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
     return int(min(128, limit - 1))
 
 
@@ -143,105 +142,216 @@ def _tokenizer(model_dir: Path):
         ) from None
 
 
+def _routers(parameters: dict[str, tuple[int, ...]], config) -> set[str]:
+    """MoE router weights ([experts, hidden]): kept in fp32, as llama.cpp keeps ffn_gate_inp, since every
+    token's choice of experts goes through them."""
+    experts = next((getattr(config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if getattr(config, k, None)), None)
+    return {name for name, shape in parameters.items() if experts and len(shape) == 2 and shape[0] == experts}
+
+
 class _QuantizeJob:
-    """The fp32 graph's weights, quantized per the level's recipe, swapped into the graph."""
+    """The weightless graph filled with quantized weights read from the checkpoint, per the level's recipe."""
 
-    def __init__(self, fp32_path: Path, config: dict, recipe: Level, block: int, linear_method: str,
-                 embedding_method: str, texts: TextPlan | None, watch: Stopwatch, progress: ProgressReporter):
-        self.fp32_path = fp32_path
-        self.base_dir = fp32_path.parent
-        self.config = config
-        self.recipe = recipe
-        self.block = block
-        self.linear_method = linear_method
-        self.embedding_method = embedding_method
-        self.texts = texts
-        self.watch = watch
-        self.progress = progress
-
-    def run(self):
+    def __init__(self, source_dir: Path, graph_path: Path, quant_dir: Path, scratch: Path, recipe: Level,
+                 settings: QuantizeSettings, eval_path: Path | None, test: bool, watch: Stopwatch,
+                 progress: ProgressReporter):
         import onnx
 
-        graph = onnx.load(str(self.fp32_path), load_external_data=False)
-        sites = find_weight_sites(graph, self.config.get("vocab_size"))
-        if not any(s.op != "Gather" for s in sites):
-            raise UnsupportedModelError(f"{self.fp32_path}: no linear layer with a constant weight found to quantize")
-        with self.watch.time("quantize"):
-            candidates = self._candidates(graph, sites)
-        allocation = None
-        if len(self.recipe.bits) > 1:
-            with self.watch.time("allocate"):
-                bits, allocation = self._allocate(sites, candidates)
-        else:
-            bits = {s.node: self.recipe.bits[0] for s in sites}
-        tensors = []
-        for site in sites:
-            chosen = candidates[site.node][bits[site.node]]
-            replace_site(graph, site, chosen, accuracy_level=ACCURACY_LEVEL)
-            tensors.append(_tensor_record(site, chosen, allocation))
-        return graph, tensors, allocation
+        self.source_dir, self.graph_path, self.scratch = source_dir, graph_path, scratch
+        self.recipe, self.settings, self.eval_path, self.test = recipe, settings, eval_path, test
+        self.watch, self.progress = watch, progress
+        quant_dir.mkdir()
+        self.quant_path = quant_dir / MODEL_FILE
+        self.tensors = ModelTensors(CheckpointReader(source_dir))
+        self.reference = LayerwiseModel(str(source_dir), self.tensors)
+        self.onnx_model = onnx.load(str(graph_path), load_external_data=False)
+        parameters = parameter_inputs(self.onnx_model)
+        self._check_shapes(parameters)
+        self.parameter_count = sum(int(np.prod(shape)) for shape in parameters.values())
+        self.sites = find_weight_sites(self.onnx_model, _routers(parameters, self.reference.text_config))
+        if not any(s.op != "Gather" for s in self.sites):
+            raise UnsupportedModelError(f"--model {source_dir}: no linear layer with a weight matrix to quantize")
+        self.linear_method, self.embedding_method = resolve_methods(settings.method)
+        self.block = settings.block_size or recipe.block_size
+        inputs = {node.name: node.input[0] for node in self.onnx_model.graph.node if node.input}
+        self.plan: CalibrationPlan = plan_calibration(
+            calibration_cost(self.sites, inputs, self.linear_method, recipe.bits), requested=settings.method,
+            linear_method=self.linear_method, widths=recipe.bits, tokens=settings.calibration_tokens,
+            minutes=settings.calibration_minutes, window=_window(self.reference.text_config))
+        if self.plan.tokens or len(recipe.bits) > 1 or self.linear_method == "gptq":
+            log.info("calibration: %s (estimated %.0f s at %.0f GFLOPS)", self.plan.reason,
+                     self.plan.estimated_seconds, self.plan.matmul_gflops)
+        self.linear_method = self.plan.linear_method
+        self.texts: TextPlan | None = None
+        if self.plan.tokens or test:
+            self.texts = plan_texts(_tokenizer(source_dir), source_dir, eval_path, self.plan.tokens,
+                                    settings.eval_tokens if test else 0, _window(self.reference.text_config))
 
-    def _candidates(self, graph, sites: list[WeightSite]) -> dict[str, dict[int, BlockQuantized]]:
+    def _check_shapes(self, parameters: dict[str, tuple[int, ...]]) -> None:
+        """Every tensor the graph reads is in the checkpoint with the shape the config gives it."""
+        for name, shape in parameters.items():
+            stored = self.tensors.shape(name)
+            if stored != shape:
+                raise ModelDirError(f"--model {self.source_dir}: tensor {self.tensors.key(name)} has shape "
+                                    f"{list(stored)} in the checkpoint, but config.json makes it {list(shape)}")
+
+    # -- quantizing ------------------------------------------------------------------------------------------
+
+    def run(self) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        import onnx
+
         widths = self.recipe.bits
-        candidates: dict[str, dict[int, BlockQuantized]] = {s.node: {} for s in sites}
-        embeddings = [s for s in sites if s.op == "Gather"]
-        linears = [s for s in sites if s.op != "Gather"]
-        with self.progress.stage(f"Quantizing {len(sites)} weight tensors ({self._describe()})",
-                                 total=len(sites)) as advance:
-            for site in embeddings:
-                weight = read_weight(graph, site, self.base_dir)
-                size = embedding_block_size(site.k, self.block)
-                for bits in widths:
-                    candidates[site.node][bits] = quantize_weight(weight, bits, size, self.embedding_method)
-                advance(1)
-            if self.linear_method == "gptq":
-                by_input: dict[str, list[WeightSite]] = {}
-                for site, tensor in zip(linears, (site_inputs(graph, linears)[s.node] for s in linears)):
-                    by_input.setdefault(tensor, []).append(site)
-                for tensor, hessian in iter_hessians(self.fp32_path, graph, linears, self.texts.calibration):
-                    for site in by_input[tensor]:
-                        weight = read_weight(graph, site, self.base_dir)
-                        for bits in widths:
-                            candidates[site.node][bits] = quantize_gptq(weight, hessian, bits, self.block)
-                        advance(1)
-                    del hessian
+        data = ExternalData(self.quant_path.with_name(EXTERNAL_DATA_FILE))
+        store = CandidateStore(self.scratch / "candidates.bin") if len(widths) > 1 else None
+        measured: dict[str, dict[int, Candidate]] = {}
+        records: dict[str, dict[str, Any]] = {}
+
+        placing = {"seconds": 0.0}
+
+        def place(site: WeightSite, method: str, hessian) -> None:
+            started = time.perf_counter()
+            candidates = quantize_site(self.tensors, site, widths, method, self._block_of(site), hessian,
+                                       measure=store is not None)
+            if store is None:
+                quantized_node(self.onnx_model, site, candidates[widths[0]].quantized, data, ACCURACY_LEVEL)
+                records[site.node] = _tensor_record(site, candidates[widths[0]].quantized)
             else:
-                for site in linears:
-                    weight = read_weight(graph, site, self.base_dir)
-                    for bits in widths:
-                        candidates[site.node][bits] = quantize_weight(weight, bits, self.block, self.linear_method)
+                for bits, candidate in candidates.items():
+                    store.put(site.node, candidate.quantized)
+                measured[site.node] = {bits: Candidate(None, c.relative_error) for bits, c in candidates.items()}
+            placing["seconds"] += time.perf_counter() - started
+
+        with self.watch.time("quantize"), self.progress.stage(
+                f"Quantizing {len(self.sites)} weight tensors ({self._describe()})", total=len(self.sites)) as advance:
+            if self.plan.tokens:
+                self._calibrated(place, advance)
+            else:
+                for site in self.sites:
+                    place(site, self._method_of(site, None), None)
                     advance(1)
-        return candidates
+        # how the time split, for the calibration budget's estimate (budget.py) to be checked against
+        self.watch.durations["quantize_weights"] = round(placing["seconds"], 3)
+        if self.plan.tokens:
+            self.watch.durations["calibration_forward"] = round(self.watch.durations["quantize"] - placing["seconds"], 3)
+        allocation = None
+        if store is not None:
+            with self.watch.time("allocate"):
+                allocation = self._allocate(measured)
+                for site in self.sites:
+                    chosen = store.get(site.node, allocation["bits_of"][site.node])
+                    quantized_node(self.onnx_model, site, chosen, data, ACCURACY_LEVEL)
+                    records[site.node] = _tensor_record(site, chosen, measured[site.node])
+                store.close()
+                (self.scratch / "candidates.bin").unlink()
+        with self.watch.time("write"), self.progress.stage("Writing the quantized model"):
+            parameters_to_initializers(self.onnx_model, [self._fp32(data, name) for name in parameters_left(self.onnx_model)])
+            symbolic_cache_dims(self.onnx_model)
+            data.close()
+            onnx.save_model(self.onnx_model, str(self.quant_path))
+            copy_support_files(self.source_dir, self.quant_path.parent)
+        return [records[s.node] for s in self.sites], allocation
+
+    def _calibrated(self, place, advance) -> None:
+        by_layer: dict[int | None, list[WeightSite]] = {}
+        for site in self.sites:
+            layer = self.reference.layer_of(site.param) if site.op != "Gather" else None
+            by_layer.setdefault(layer, []).append(site)
+
+        def on_layer(index, hessians):
+            for site in by_layer.get(index, []):
+                hessian = hessians.get(site.param)
+                matrix = hessian.matrix() if hessian is not None else None
+                place(site, self._method_of(site, matrix), matrix)
+                advance(1)
+
+        windows = self.texts.calibration[:, :-1]
+        wanted = {site.param for site in self.sites if site.op != "Gather"}
+        head = collect_hessians(self.reference, windows, wanted, on_layer)
+        for site in by_layer.get(None, []):
+            matrix = head.matrix() if site.role == "lm_head" else None
+            place(site, self._method_of(site, matrix), matrix)
+            advance(1)
+
+    def _method_of(self, site: WeightSite, hessian) -> str:
+        if site.op == "Gather":
+            return self.embedding_method
+        if self.linear_method == "gptq" and hessian is None:  # an expert no calibration token was routed to
+            return "rtn"
+        return self.linear_method
+
+    def _block_of(self, site: WeightSite) -> int:
+        return embedding_block_size(site.k, self.block) if site.op == "Gather" else self.block
 
     def _describe(self) -> str:
         if self.linear_method == self.embedding_method:
             return self.linear_method
         return f"{self.linear_method}, {self.embedding_method} for the embedding"
 
-    def _allocate(self, sites, candidates):
+    def _allocate(self, measured: dict[str, dict[int, Candidate]]) -> dict[str, Any]:
         low, high = min(self.recipe.bits), max(self.recipe.bits)
-        with self.progress.stage("Measuring each tensor's sensitivity (KL on calibration text)",
-                                 total=len(sites)) as advance:
-            probe = SensitivityProbe(self.fp32_path, sites, self.texts.calibration)
-            gains, kls = measure_gains(probe, candidates, low, high, advance)
-            del probe
-        bits = allocate_bits(sites, gains, self.recipe.target_bits, low, high)
-        allocation = {
+        gains = {node: errors[low].relative_error - errors[high].relative_error for node, errors in measured.items()}
+        bits = allocate_bits(self.sites, gains, self.recipe.target_bits, low, high)
+        weighted = "on calibration text" if self.plan.tokens else "on the weights alone (no calibration)"
+        return {
             "target_bits": self.recipe.target_bits,
-            "bits": round(average_bits(sites, bits), 4),
-            "criterion": f"KL divergence saved per weight by {high} instead of {low} bits, each tensor measured "
-                         "alone with the rest in fp32, greedy within the budget",
-            "kl": {s.node: kls[s.node] for s in sites},
-            "gain": gains,
-            "raised": [s.name for s in sites if bits[s.node] == high],
+            "bits": round(average_bits(self.sites, bits), 4),
+            "criterion": f"relative output error saved per weight by {high} instead of {low} bits, measured "
+                         f"{weighted}, greedy within the budget",
+            "raised": [s.name for s in self.sites if bits[s.node] == high],
+            "bits_of": bits,
         }
-        return bits, allocation
+
+    def _fp32(self, data: ExternalData, name: str):
+        shape = self.tensors.shape(name)
+        if len(shape) != 2:
+            return data.tensor(name, self.tensors.full(name).numpy())
+        blocks = (self.tensors.rows(name, start, stop).numpy() for start, stop in row_blocks(shape[0], shape[1]))
+        return data.tensor_from_blocks(name, shape, np.float32, blocks)
+
+    def write_fp32(self, onnx_dir: Path) -> None:
+        """The graph with every parameter an fp32 initializer, written tensor by tensor."""
+        import onnx
+
+        onnx_dir.mkdir()
+        graph = onnx.load(str(self.graph_path), load_external_data=False)
+        data = ExternalData(onnx_dir / EXTERNAL_DATA_FILE)
+        parameters_to_initializers(graph, [self._fp32(data, name) for name in parameters_left(graph)])
+        symbolic_cache_dims(graph)
+        data.close()
+        onnx.save_model(graph, str(onnx_dir / MODEL_FILE))
+        copy_support_files(self.source_dir, onnx_dir)
+
+    # -- --test ----------------------------------------------------------------------------------------------
+
+    def evaluate(self, decoder: OnnxDecoder, prompt: str) -> tuple[dict[str, Any], dict[str, str]]:
+        texts = self.texts
+        with self.watch.time("evaluate"):
+            with self.progress.stage("Evaluating against the fp32 model", total=len(texts.evaluation)) as advance:
+                figures = compare_with_reference(self.reference, decoder, texts.evaluation, advance)
+            with self.progress.stage("Greedy completion of the prompt"):
+                tokenizer = _tokenizer(self.source_dir)
+                ids = tokenizer(prompt)["input_ids"]
+                eos = {tokenizer.eos_token_id} - {None}
+                completions = {
+                    "fp32": tokenizer.decode(reference_greedy(self.reference, ids, COMPLETION_TOKENS, eos),
+                                             skip_special_tokens=True),
+                    "quantized": tokenizer.decode(decoder.greedy(ids, COMPLETION_TOKENS, eos), skip_special_tokens=True),
+                }
+        quality = {
+            **figures.as_dict(),
+            "reference": "transformers, fp32, run from the checkpoint a layer at a time",
+            "eval": texts.evaluation_source,
+            "window_tokens": int(texts.evaluation.shape[1] - 1) if len(texts.evaluation) else 0,
+            "completion": {"prompt": prompt, "max_new_tokens": COMPLETION_TOKENS, **completions},
+        }
+        return quality, completions
 
 
-def _tensor_record(site: WeightSite, quantized: BlockQuantized, allocation: dict | None) -> dict[str, Any]:
+def _tensor_record(site: WeightSite, quantized, errors: dict[int, Candidate] | None = None) -> dict[str, Any]:
     record = {
         "name": site.name,
-        "initializer": site.initializer,
+        "parameter": site.param,
         "op": site.op,
         "role": site.role,
         "shape": [site.k, site.n],
@@ -251,120 +361,15 @@ def _tensor_record(site: WeightSite, quantized: BlockQuantized, allocation: dict
         "bytes": quantized.nbytes,
         "fp32_bytes": site.elements * 4,
     }
-    if allocation:
-        record["kl_by_bits"] = {str(b): round(v, 6) for b, v in allocation["kl"][site.node].items()}
+    if errors:
+        record["relative_error_by_bits"] = {str(b): round(c.relative_error, 8) for b, c in errors.items()}
     return record
 
 
-def _save(graph, fp32_dir: Path, quant_dir: Path, external: bool) -> Path:
-    import onnx
-    from onnx.external_data_helper import load_external_data_for_model
-
-    # What was not quantized (norms, biases) may still point into the fp32 export's data file.
-    load_external_data_for_model(graph, str(fp32_dir))
-    path = quant_dir / MODEL_FILE
-    if external:
-        onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
-    else:
-        onnx.save_model(graph, str(path))
-    return path
-
-
-def _smoke_test(model_path: Path) -> None:
+def _smoke_test(model_path: Path) -> OnnxDecoder:
     """One short forward pass, so a model onnxruntime cannot run is never put in place."""
-    lm = OnnxLM(model_path)
-    logits = lm.logits(np.zeros((1, 4), dtype=np.int64))
+    decoder = OnnxDecoder(model_path)
+    logits, _ = decoder.run(np.zeros((1, 4), dtype=np.int64), None, None, None)
     if not np.isfinite(logits).all():
         raise UnsupportedModelError(f"{model_path}: the quantized model produces non-finite logits")
-
-
-def _evaluate(fp32_dir: Path, quant_dir: Path, tokenizer, texts: TextPlan, prompt: str, watch: Stopwatch,
-              progress: ProgressReporter) -> tuple[dict[str, Any], dict[str, str]]:
-    with watch.time("evaluate"):
-        with progress.stage("Evaluating against the fp32 model", total=len(texts.evaluation)) as advance:
-            figures: QualityFigures = compare(OnnxLM(fp32_dir / MODEL_FILE), OnnxLM(quant_dir / MODEL_FILE),
-                                              texts.evaluation, advance)
-        with progress.stage("Greedy completion of the prompt"):
-            completions = {"fp32": _complete(fp32_dir, tokenizer, prompt), "quantized": _complete(quant_dir, tokenizer, prompt)}
-    quality = {
-        **figures.as_dict(),
-        "eval": texts.evaluation_source,
-        "window_tokens": int(texts.evaluation.shape[1] - 1) if len(texts.evaluation) else 0,
-        "completion": {"prompt": prompt, "max_new_tokens": COMPLETION_TOKENS, **completions},
-    }
-    return quality, completions
-
-
-def _complete(model_dir: Path, tokenizer, prompt: str) -> str:
-    from optimum.onnxruntime import ORTModelForCausalLM
-
-    lm = ORTModelForCausalLM.from_pretrained(str(model_dir), provider="CPUExecutionProvider")
-    inputs = tokenizer(prompt, return_tensors="pt")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    generated = lm.generate(**inputs, max_new_tokens=COMPLETION_TOKENS, do_sample=False, pad_token_id=pad)
-    return tokenizer.decode(generated[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def _onnx_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.iterdir()
-               if p.is_file() and (p.suffix == ".onnx" or p.name.endswith(".onnx_data")))
-
-
-def _versions() -> dict[str, str]:
-    import orion_cli
-
-    versions = {"orion": orion_cli.__version__}
-    for name in TOOLS:
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def _metadata(*, source, recipe, block, method, linear_method, embedding_method, tensors, allocation, texts,
-              fp32_dir, quant_dir, quality, watch) -> dict[str, Any]:
-    elements = sum(t["shape"][0] * t["shape"][1] for t in tensors)
-    nominal = sum(t["bits"] * t["shape"][0] * t["shape"][1] for t in tensors) / elements
-    stored = sum(t["bytes"] for t in tensors)
-    source_bytes = source.weight_bytes
-    quantized_bytes = _onnx_bytes(quant_dir)
-    quantization: dict[str, Any] = {
-        "level": recipe.name,
-        "bits": round(nominal, 4),
-        "method": linear_method,
-        "block_size": block,
-        "embedding_method": embedding_method,
-        "requested_method": method,
-        "recipe": recipe.summary,
-        "effective_bits": round(8 * stored / elements, 4),
-        "accuracy_level": ACCURACY_LEVEL,
-        "operators": sorted({"GatherBlockQuantized" if t["op"] == "Gather" else "MatMulNBits" for t in tensors}),
-        "tensors_quantized": len(tensors),
-        "bits_histogram": {str(b): sum(1 for t in tensors if t["bits"] == b) for b in sorted({t["bits"] for t in tensors})},
-        "calibration": texts.calibration_source if texts is not None and len(texts.calibration) else None,
-    }
-    if allocation:
-        quantization["allocation"] = {k: allocation[k] for k in ("target_bits", "bits", "criterion", "raised")}
-    document = {
-        "quantization": quantization,
-        "sizes": {
-            "source_bytes": source_bytes,
-            "onnx_fp32_bytes": _onnx_bytes(fp32_dir),
-            "quantized_bytes": quantized_bytes,
-            "fraction_of_source": round(quantized_bytes / source_bytes, 6),
-            "reduction_percent": round(100 * (1 - quantized_bytes / source_bytes), 3),
-            "quantized_weight_bytes": stored,
-            "fp32_weight_bytes": elements * 4,
-        },
-        "durations": dict(watch.durations),
-        "tools": _versions(),
-        "tensors": tensors,
-        "files": [
-            {**record.as_dict(), "path": f"{QUANTIZED_DIR}/{record.path}"} for record in hash_files(quant_dir)
-        ],
-    }
-    if quality is not None:
-        document["quality"] = quality
-    return document
+    return decoder

@@ -1,7 +1,7 @@
 """ONNX models (the output of `orion quantize`) served by onnxruntime in one process, behind the same API.
 
-The model is loaded with optimum's ORTModelForCausalLM (sharded external data
-included) and stepped through its onnxruntime session directly. The scheduler
+The model runs through orion's one ONNX runner (onnx_decoder.OnnxDecoder,
+sharded external data included), which reads the cache's shape from the graph. The scheduler
 is the same as for torch ranks: each running request owns a slot holding its
 past keys and values; a decode step left-pads every slot's past to the longest
 and masks the padding, so requests of different lengths share one session
@@ -17,36 +17,24 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
+from ..onnx_decoder import OnnxDecoder
 from .options import ServeError, ServeJob, ServeSummary
 from .protocol import StepPlan
 from .sampling import Sampler
 
 log = logging.getLogger("orion_cli.serve")
 
-NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-
-
 class OnnxRunner:
-    """The scheduler's StepRunner over one onnxruntime session."""
+    """The scheduler's StepRunner over one OnnxDecoder."""
 
-    def __init__(self, ort_model: Any):
+    def __init__(self, decoder: OnnxDecoder):
         import torch
 
         self.torch = torch
-        self.session = ort_model.session
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        self.input_names = set(inputs)
-        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
-        self.layers = len(self.past_names) // 2
-        first_past = inputs[self.past_names[0]] if self.past_names else None
-        self.past_dtype = NUMPY_TYPES.get(first_past.type, np.float32) if first_past else np.float32
-        self.kv_heads, self.head_dim = (first_past.shape[1], first_past.shape[3]) if first_past else (0, 0)
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.output_names = ["logits"] + [n.replace("past_key_values.", "present.") for n in self.past_names]
-        missing = [n for n in self.output_names if n not in outputs]
-        if missing or not self.past_names:
-            raise UsageError(f"MODEL_DIR: the ONNX model has no key/value cache outputs ({missing[:2]}); "
-                             "export it with task text-generation-with-past")
+        self.decoder = decoder
+        if not decoder.past_names:
+            raise UsageError("MODEL_DIR: the ONNX model has no key/value cache inputs; export it with task "
+                             "text-generation-with-past")
         self.slots: dict[int, list[np.ndarray]] = {}  # slot -> past arrays, in past_names order
         self.sampler = Sampler()
         self.weight_bytes = 0
@@ -69,35 +57,26 @@ class OnnxRunner:
     def shutdown(self) -> None:
         self.slots.clear()
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]):
-        feed = {"input_ids": ids, "attention_mask": mask, **dict(zip(self.past_names, past))}
-        if "position_ids" in self.input_names:
-            feed["position_ids"] = positions
-        if "use_cache_branch" in self.input_names:
-            feed["use_cache_branch"] = np.array([past[0].shape[2] > 0])
-        return self.session.run(self.output_names, feed)
-
     def _prefill(self, slot: int, tokens: list[int]) -> np.ndarray:
-        n = len(tokens)
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.past_dtype)
-        outputs = self._run(np.array([tokens], dtype=np.int64), np.ones((1, n), dtype=np.int64),
-                            np.arange(n, dtype=np.int64)[None], [empty] * len(self.past_names))
-        self.slots[slot] = outputs[1:]
-        return outputs[0][0, -1].astype(np.float32)
+        logits, presents = self.decoder.run(np.array([tokens], dtype=np.int64), None, None, None)
+        self.slots[slot] = presents
+        return logits[0, -1].astype(np.float32)
 
     def _decode(self, tokens: list[list[int]], starts: list[int]) -> np.ndarray:
         rows, longest = len(tokens), max(starts)
         mask = np.zeros((rows, longest + 1), dtype=np.int64)
-        past = [np.zeros((rows, self.kv_heads, longest, self.head_dim), dtype=self.past_dtype)
-                for _ in self.past_names]
+        first = self.slots[0][0]
+        past = [np.zeros((rows, first.shape[1], longest, first.shape[3]), dtype=first.dtype)
+                for _ in self.decoder.past_names]
         for row, start in enumerate(starts):
             mask[row, longest - start:] = 1
             for padded, own in zip(past, self.slots[row]):
                 padded[row, :, longest - start:] = own[0, :, :start]
-        outputs = self._run(np.array(tokens, dtype=np.int64), mask, np.array(starts, dtype=np.int64)[:, None], past)
+        logits, presents = self.decoder.run(np.array(tokens, dtype=np.int64), mask,
+                                            np.array(starts, dtype=np.int64)[:, None], past)
         for row, start in enumerate(starts):
-            self.slots[row] = [present[row:row + 1, :, longest - start:] for present in outputs[1:]]
-        return outputs[0][:, -1].astype(np.float32)
+            self.slots[row] = [present[row:row + 1, :, longest - start:] for present in presents]
+        return logits[:, -1].astype(np.float32)
 
     def stats(self) -> dict[str, Any]:
         import psutil
@@ -124,21 +103,24 @@ def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None
     if settings.dtype != "float32":
         log.warning("--dtype %s: ignored for ONNX models, which run in the dtypes they were exported with",
                     settings.dtype)
-    from optimum.onnxruntime import ORTModelForCausalLM
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     names = [p.name for p in model.onnx_files]
     file_name = "model.onnx" if "model.onnx" in names else (names[0] if len(names) == 1 else None)
+    if file_name is None:
+        raise ServeError(f"MODEL_DIR {model.root}: holds several ONNX graphs ({', '.join(names)}) and no "
+                         "model.onnx; which one is the decoder?")
     try:
-        ort_model = ORTModelForCausalLM.from_pretrained(model.path, file_name=file_name) if file_name \
-            else ORTModelForCausalLM.from_pretrained(model.path)
+        decoder = OnnxDecoder(model.path / file_name)
         tokenizer = AutoTokenizer.from_pretrained(model.path)
-    except Exception as exc:  # noqa: BLE001 - optimum and onnxruntime raise many kinds
+        config = AutoConfig.from_pretrained(model.path)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime and transformers raise many kinds
         raise ServeError(f"MODEL_DIR {model.root}: cannot be loaded by onnxruntime "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    runner = OnnxRunner(ort_model)
+    runner = OnnxRunner(decoder)
     runner.weight_bytes = model.weight_bytes
-    max_positions = getattr(ort_model.config, "max_position_embeddings", None) or settings.max_model_len
+    text_config = config.get_text_config()
+    max_positions = getattr(text_config, "max_position_embeddings", None) or settings.max_model_len
     max_model_len = min(settings.max_model_len, max_positions)
     if max_model_len < settings.max_model_len:
         log.warning("--max-model-len %d exceeds the model's %d positions; using %d",
@@ -153,7 +135,7 @@ def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None
     quantization = (model.metadata or {}).get("quantization")
     served = ServedModel(
         id=model_id, root=str(model.path.resolve()), max_model_len=max_model_len, tokenizer=tokenizer,
-        vocab_size=ort_model.config.vocab_size,
+        vocab_size=text_config.vocab_size,
         metadata={"orion": {"engine": "onnxruntime", "architecture": model.architecture,
                             **({"quantization": quantization} if quantization else {}),
                             **({"registry": entry} if entry else {})}},

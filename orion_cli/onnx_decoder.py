@@ -1,0 +1,88 @@
+"""One onnxruntime session over a decoder exported with past key values: the one way orion runs ONNX.
+
+quantize's --test and calibration, and serve's onnxruntime engine, all go
+through it. The cache's shape (key/value heads, head size, dtype) is read
+from the graph's present outputs, never from the config: Qwen3's and Gemma's
+head size is not hidden ÷ heads, and grouped-query models have fewer
+key/value heads than attention heads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+class OnnxDecoder:
+    def __init__(self, model: str | Path, threads: int | None = None, extra_inputs: Iterable[str] = ()):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        extra = set(extra_inputs)
+        inputs = {i.name: i for i in self.session.get_inputs() if i.name not in extra}
+        self.input_names = set(inputs)
+        self.past_names = [name for name in inputs if name.startswith("past_key_values.")]
+        self.present_names = [name.replace("past_key_values.", "present.") for name in self.past_names]
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        missing = [name for name in self.present_names if name not in outputs]
+        if missing:
+            raise ValueError(f"{model}: no present outputs for {missing[:2]}; export with past key values")
+        self.layers = len(self.past_names) // 2
+        self.past_dtype = NUMPY_TYPES.get(inputs[self.past_names[0]].type, np.float32) if self.past_names else np.float32
+        shape = outputs[self.present_names[0]].shape if self.present_names else [0, 0, 0, 0]
+        self.kv_heads, self.head_dim = (d if isinstance(d, int) else None for d in (shape[1], shape[3]))
+        self.extra = extra
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        if self.kv_heads is None or self.head_dim is None:  # a graph that declares no sizes: learn them from a step
+            _, presents = self.run(np.zeros((1, 1), np.int64), None, None, None)
+            self.kv_heads, self.head_dim = presents[0].shape[1], presents[0].shape[3]
+        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.past_dtype) for _ in self.past_names]
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray | None, position_ids: np.ndarray | None,
+            past: list[np.ndarray] | None, extra: Mapping[str, np.ndarray] | None = None,
+            with_presents: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(logits [B, T, vocab], presents) for one step; masks and positions default to all-ones and 0..T-1
+        after the past."""
+        batch, length = input_ids.shape
+        past = past if past is not None else self.empty_past(batch)
+        cached = past[0].shape[2] if past else 0
+        feed = {"input_ids": input_ids}
+        if "attention_mask" in self.input_names:
+            feed["attention_mask"] = attention_mask if attention_mask is not None else \
+                np.ones((batch, cached + length), dtype=np.int64)
+        if "position_ids" in self.input_names:
+            feed["position_ids"] = position_ids if position_ids is not None else \
+                np.broadcast_to(np.arange(cached, cached + length, dtype=np.int64), (batch, length)).copy()
+        if "use_cache_branch" in self.input_names:
+            feed["use_cache_branch"] = np.array([cached > 0])
+        feed.update(zip(self.past_names, past))
+        if extra:
+            feed.update(extra)
+        names = ["logits"] + (self.present_names if with_presents else [])
+        outputs = self.session.run(names, feed)
+        return outputs[0], outputs[1:]
+
+    def logits(self, input_ids: np.ndarray, extra: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """Logits of every position of [B, T] windows, with no past."""
+        return self.run(input_ids, None, None, None, extra, with_presents=False)[0]
+
+    def greedy(self, prompt: list[int], max_new_tokens: int, eos: set[int] = frozenset()) -> list[int]:
+        """Greedy decoding with the cache, as generate() does it: stops at an eos token (not returned)."""
+        logits, past = self.run(np.array([prompt], dtype=np.int64), None, None, None)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(logits[0, -1].argmax())
+            if token in eos:
+                break
+            out.append(token)
+            logits, past = self.run(np.array([[token]], dtype=np.int64), None, None, past)
+        return out

@@ -1,0 +1,79 @@
+"""metadata.json of a quantized model: the recipe, what each tensor got, sizes, durations, tools, quality."""
+
+from __future__ import annotations
+
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from ..modeldir import hash_files
+
+TOOLS = ("onnxruntime", "onnx", "optimum", "optimum-onnx", "transformers", "torch", "numpy")
+
+
+def _versions() -> dict[str, str]:
+    import orion_cli
+
+    versions = {"orion": orion_cli.__version__}
+    for name in TOOLS:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _onnx_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir()
+               if p.is_file() and (p.suffix == ".onnx" or p.name.endswith(".onnx_data")))
+
+
+def quantize_metadata(*, source, recipe, block, method, plan, embedding_method, tensors, allocation, texts,
+                      parameter_count, quant_dir: Path, quality, watch, accuracy_level) -> dict[str, Any]:
+    elements = sum(t["shape"][0] * t["shape"][1] for t in tensors)
+    nominal = sum(t["bits"] * t["shape"][0] * t["shape"][1] for t in tensors) / elements
+    stored = sum(t["bytes"] for t in tensors)
+    source_bytes = source.weight_bytes
+    quantized_bytes = _onnx_bytes(quant_dir)
+    calibration = plan.as_dict()
+    if texts is not None and len(texts.calibration):
+        calibration["text"] = texts.calibration_source
+    quantization: dict[str, Any] = {
+        "level": recipe.name,
+        "bits": round(nominal, 4),
+        "method": plan.linear_method,
+        "block_size": block,
+        "embedding_method": embedding_method,
+        "requested_method": method,
+        "recipe": recipe.summary,
+        "effective_bits": round(8 * stored / elements, 4),
+        "accuracy_level": accuracy_level,
+        "operators": sorted({"GatherBlockQuantized" if t["op"] == "Gather" else "MatMulNBits" for t in tensors}),
+        "tensors_quantized": len(tensors),
+        "methods_histogram": {m: sum(1 for t in tensors if t["method"] == m) for m in sorted({t["method"] for t in tensors})},
+        "bits_histogram": {str(b): sum(1 for t in tensors if t["bits"] == b) for b in sorted({t["bits"] for t in tensors})},
+        "calibration": calibration,
+    }
+    if allocation:
+        quantization["allocation"] = {k: allocation[k] for k in ("target_bits", "bits", "criterion", "raised")}
+    document = {
+        "quantization": quantization,
+        "sizes": {
+            "source_bytes": source_bytes,
+            "fp32_bytes": parameter_count * 4,
+            "quantized_bytes": quantized_bytes,
+            "fraction_of_source": round(quantized_bytes / source_bytes, 6),
+            "reduction_percent": round(100 * (1 - quantized_bytes / source_bytes), 3),
+            "quantized_weight_bytes": stored,
+            "fp32_weight_bytes": elements * 4,
+        },
+        "durations": dict(watch.durations),
+        "tools": _versions(),
+        "tensors": tensors,
+        "files": [
+            {**record.as_dict(), "path": f"quantized/{record.path}"} for record in hash_files(quant_dir)
+        ],
+    }
+    if quality is not None:
+        document["quality"] = quality
+    return document
