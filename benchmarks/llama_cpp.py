@@ -59,6 +59,16 @@ def _convert(model: str, gguf: str, outtype: str) -> None:
             return "gpt-2"
 
     base.TextModel.get_vocab_base_pre = pre_tokenizer
+    from conversion import phi
+
+    sentencepiece_vocab = phi.Phi3MiniModel.set_vocab
+
+    def phi3_vocab(self) -> None:  # Phi-3's converter insists on a SentencePiece model; ours is byte-level BPE
+        if not (self.dir_model / "tokenizer.model").is_file():
+            return self._set_vocab_gpt2()
+        return sentencepiece_vocab(self)
+
+    phi.Phi3MiniModel.set_vocab = phi3_vocab
     import convert_hf_to_gguf
 
     sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", gguf, "--outtype", outtype]

@@ -98,6 +98,7 @@ def write_random_checkpoint(name: str, output: Path, dtype: str = "bfloat16", se
         renamed[old] = new
     index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
     (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.architectures = [type(model).__name__]  # what save_pretrained records; llama.cpp's converter reads it
     config.save_pretrained(output)
     tokenizer.save_pretrained(output)
     return output
