@@ -138,6 +138,7 @@ class ServeSettings(_Section):
     dtype: Dtype = Setting("Weight and activation dtype.")
     max_restarts: int = Setting("Restarts of the worker group after a failure.", ge=0)
     drain_timeout: float = Setting("Seconds SIGTERM waits for in-flight requests.", gt=0)
+    max_request_bytes: int = Setting("Largest HTTP request body; larger ones get 413.", ge=1, metavar="BYTES")
     trust_remote_code: bool = Setting("Run a model whose config names custom modeling code (auto_map), as "
                                       "transformers' trust_remote_code does.")
 

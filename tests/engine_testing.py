@@ -87,7 +87,7 @@ def _drive(runner, runtime, model_dir: str, prompts: list[list[int]], new_tokens
         done = threading.Event()
 
         def deliver(event) -> None:
-            assert event.error is None, event.error
+            assert event.error is None and event.failure is None, event.error or event.failure
             tokens.extend(event.token_ids)
             if event.finish_reason:
                 done.set()

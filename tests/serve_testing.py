@@ -93,3 +93,25 @@ def eventually_metric(url: str, name: str, timeout: float = 10.0, **labels: str)
         if value or time.monotonic() > deadline:
             return value
         time.sleep(0.25)
+
+
+def assert_prompt_scoring_matches(url: str, model: str, model_dir, text: str = "def main():\n    return 42\n") -> None:
+    """echo + logprobs (lm-eval's loglikelihood request) equals transformers' log-softmax within 1e-4, and the
+    requests that used to end the engine (a seed past 64 bits, a 1e-40 temperature) end only themselves."""
+    import torch
+
+    ids = tokenize(model_dir, text)
+    with torch.inference_mode():
+        reference = hf_model(str(model_dir))(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    body = {"model": model, "prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    scored = response.json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert scored[0] is None and len(scored) == len(ids) + 1
+    worst = max(abs(scored[i] - reference[i - 1, ids[i]].item()) for i in range(1, len(ids)))
+    assert worst < 1e-4, worst
+    for extra, status in (({"seed": 2**64, "temperature": 1.0}, 400), ({"temperature": 1e-40}, 200)):
+        answer = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": text, "max_tokens": 3, **extra},
+                            timeout=120)
+        assert answer.status_code == status, answer.text
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200

@@ -191,19 +191,62 @@ def test_sampling_depends_only_on_the_requests_seed():
     def draw(rows: list[int]) -> list[int]:
         sampler = Sampler()
         sampler.admit({7: spec, 8: SamplingSpec(temperature=1.0, seed=1), 9: SamplingSpec()})
-        return [sampler.sample(logits[rows], [7, 8, 9][: len(rows)])[0] for _ in range(5)]
+        return [sampler.sample(logits[rows], [7, 8, 9][: len(rows)])[0].token for _ in range(5)]
 
     assert draw([0]) == draw([0, 1, 2])  # other requests in the batch change nothing
     greedy = Sampler()
-    assert greedy.sample(logits, [1, 2, 3]) == logits.argmax(-1).tolist()
+    assert [r.token for r in greedy.sample(logits, [1, 2, 3])] == logits.argmax(-1).tolist()
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     sampler = Sampler()
     sampler.admit({1: SamplingSpec(temperature=1.0, top_p=0.7, seed=3)})
-    drawn = {sampler.sample(logits.view(1, -1), [1])[0] for _ in range(200)}
+    drawn = {sampler.sample(logits.view(1, -1), [1])[0].token for _ in range(200)}
     assert drawn == {0, 1}
+
+
+def test_penalties_follow_vllms_semantics():
+    """Repetition divides positive and multiplies negative logits of prompt and generated tokens; frequency
+    subtracts per occurrence of a generated token, presence once."""
+    logits = torch.tensor([[2.0, -1.0, 1.5, 0.5, 1.9]])
+    sampler = Sampler()
+    sampler.admit({1: SamplingSpec(repetition_penalty=2.0)})
+    assert sampler.sample(logits, [1], prompts=[[0, 1]])[0].token == 4  # 2.0 / 2 < 1.9
+    sampler.admit({2: SamplingSpec(frequency_penalty=0.3)})
+    first = sampler.sample(logits, [2], prompts=[[3]])[0].token
+    second = sampler.sample(logits, [2])[0].token  # token 0 generated once: 2.0 - 0.3 = 1.7 < 1.9
+    assert (first, second) == (0, 4)
+    sampler.admit({3: SamplingSpec(presence_penalty=0.05)})
+    tokens = [sampler.sample(logits, [3], prompts=[[3]] if i == 0 else None)[0].token for i in range(3)]
+    assert tokens == [0, 0, 0]  # presence is subtracted once, however often: 1.95 > 1.9
+    plain = Sampler()
+    assert plain.sample(logits, [9])[0].token == 0
+
+
+def test_logprobs_are_the_models_own_and_include_prompt_positions():
+    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(1))
+    prompt_logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(2))
+    sampler = Sampler()
+    sampler.admit({1: SamplingSpec(logprobs=3, prompt_logprobs=2, repetition_penalty=1.5)})
+    result = sampler.sample(logits, [1], prompts=[[5, 6, 7, 8]], prompt_logits=[prompt_logits])[0]
+    reference = logits[0].log_softmax(-1)
+    assert abs(result.logprob.logprob - reference[result.token].item()) < 1e-6  # before penalties
+    assert [t for t, _ in result.logprob.top] == reference.topk(3).indices.tolist()
+    assert result.prompt[0] is None and len(result.prompt) == 4
+    scores = prompt_logits.log_softmax(-1)
+    for position, entry in enumerate(result.prompt[1:]):
+        assert entry.token == [6, 7, 8][position]
+        assert abs(entry.logprob - scores[position, entry.token].item()) < 1e-6
+        assert len(entry.top) == 2
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone():
+    logits = torch.tensor([[float("nan")] * 4, [0.0, 1.0, 0.0, 0.0]])
+    sampler = Sampler()
+    sampler.admit({1: SamplingSpec(temperature=1.0, seed=1), 2: SamplingSpec()})
+    bad, good = sampler.sample(logits, [1, 2])
+    assert bad.error and good.error is None and good.token == 1
 
 
 def test_text_stream_holds_back_possible_stop_strings(tiny_llama):
@@ -227,3 +270,65 @@ def test_text_stream_holds_back_possible_stop_strings(tiny_llama):
     assert (joined, stopped) == ("def main():\n    ", True)
     assert not any("ret" in p for p in pieces)
     assert run(["zzz"])[:2] == (text, False)
+
+
+def test_one_requests_failure_fails_only_that_request(tiny_llama):
+    """A row whose sampling failed (the sampler reports it) ends its request with a failure; the engine and the
+    other requests go on."""
+    import threading
+
+    from orion_cli.serve.metrics import ServeMetrics
+    from orion_cli.serve.sampling import Sampled
+    from orion_cli.serve.scheduler import GenerationRequest, Scheduler
+
+    class RowFailingRunner:  # a StepRunner whose second request's rows cannot be sampled
+        def run(self, plan):
+            if not plan.has_work:
+                return [] if plan.kind == "stats" else None
+            return [Sampled(-1, error="ValueError: bad row") if request_id == 2 else Sampled(5)
+                    for request_id in plan.request_ids]
+
+        def shutdown(self):
+            pass
+
+    scheduler = Scheduler(RowFailingRunner(), hf_tokenizer(str(tiny_llama)), set(), 4, 64, ServeMetrics())
+    events: dict[int, list] = {1: [], 2: [], 3: []}
+    done = {i: threading.Event() for i in events}
+
+    def deliver_to(index):
+        def deliver(event):
+            events[index].append(event)
+            if event.finish_reason or event.failure or event.error:
+                done[index].set()
+        return deliver
+
+    for index in events:
+        scheduler.submit(GenerationRequest([1, 2, 3], 4), deliver_to(index))
+    scheduler.start()
+    assert all(d.wait(30) for d in done.values())
+    assert events[2][-1].failure == "ValueError: bad row"
+    for index in (1, 3):
+        assert events[index][-1].finish_reason == "length" and events[index][-1].completion_tokens == 4
+    assert scheduler.healthy and scheduler.stop(10)
+
+
+def test_a_repetition_penalty_near_zero_still_samples():
+    """Dividing positive logits by 1e-300 makes them infinite; sampling must still draw among them."""
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5]])
+    sampler = Sampler()
+    sampler.admit({1: SamplingSpec(temperature=1.0, seed=0, repetition_penalty=1e-300)})
+    result = sampler.sample(logits, [1], prompts=[[0, 1, 3]])[0]
+    assert result.error is None and result.token in (0, 1, 3)
+
+
+def test_finished_text_equals_decoding_every_token(tiny_llama):
+    """A completion cut inside a UTF-8 character ends, as transformers' decode() shows it, in U+FFFD (the bug:
+    the incremental decoder held those bytes back and the finished text dropped them)."""
+    tokenizer = hf_tokenizer(str(tiny_llama))
+    ids = tokenizer("naïve café ☕ 終わり")["input_ids"]
+    cuts = [n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd")]
+    assert cuts, "the tokenizer splits no character across tokens: pick another text"
+    for cut in cuts[:3]:
+        stream = TextStream(tokenizer)
+        text = "".join(stream.push(token)[0] for token in ids[:cut]) + stream.finish()
+        assert text == tokenizer.decode(ids[:cut], skip_special_tokens=True)

@@ -109,3 +109,21 @@ def test_tensor_parallelism_does_not_apply_to_onnx(orion, quantized_dir):
     assert result.exit_code == 2
     assert "--tp: do not apply to ONNX models" in result.stderr
     assert "serves in one process" in result.stderr
+
+
+def test_echo_scores_the_prompt_with_the_onnx_models_logits(server, quantized_dir, tiny_llama):
+    import numpy as np
+
+    from orion_cli.onnx_decoder import OnnxDecoder
+    from serve_testing import tokenize
+
+    ids = tokenize(tiny_llama, PROMPTS[0] + " 42")
+    logits, _ = OnnxDecoder(quantized_dir / "quantized" / "model.onnx").run(np.array([ids]), None, None, None)
+    shifted = logits[0].astype(np.float64)
+    reference = shifted - np.log(np.exp(shifted - shifted.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - shifted.max(-1, keepdims=True)
+    response = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "model": "tiny-q4", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 2})
+    scored = response.json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert scored[0] is None and len(scored) == len(ids)
+    assert max(abs(scored[i] - reference[i - 1, ids[i]]) for i in range(1, len(ids))) < 1e-4

@@ -17,7 +17,8 @@ import torch
 
 from server_process import ServerProcess
 
-from serve_testing import eventually_metric, free_port, hf_greedy, hf_tokenizer, metric, tokenize
+from serve_testing import (assert_prompt_scoring_matches, eventually_metric, free_port, hf_greedy, hf_tokenizer,
+                           metric, tokenize)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -77,6 +78,7 @@ def test_tp2_matches_transformers_and_sigterm_stops_every_rank(tiny_models, tmp_
         assert [(r["stage"], r["tp_rank"]) for r in ranks] == [(0, 0), (0, 1)]
         assert_greedy_matches(server.url, "qwen2", model_dir)
         assert_concurrent_clients_match(server.url, "qwen2", model_dir)
+        assert_prompt_scoring_matches(server.url, "qwen2", model_dir)  # every position through the split head
         full = sum(t.numel() * t.element_size() for t in hf_model_parameters(model_dir))
         assert all(r["weight_bytes"] <= 0.6 * full for r in ranks)  # each rank holds about half
         # SIGTERM while a request is in flight: it is answered in full, then every rank stops
@@ -103,6 +105,7 @@ def test_pp2_with_an_uneven_split_matches_transformers(tiny_llama, tmp_path):
         card = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]
         assert card["orion"]["layers_per_stage"] == [1, 2]
         assert_greedy_matches(server.url, "llama-3-layers", model_dir)
+        assert_prompt_scoring_matches(server.url, "llama-3-layers", model_dir)  # scores travel back from stage 1
         sent = eventually_metric(server.url, "orion_codec_frames_total", codec="zstd", direction="encode", stage="0")
         received = eventually_metric(server.url, "orion_codec_frames_total", codec="zstd", direction="decode", stage="1")
         assert sent and sent == received

@@ -1,32 +1,42 @@
 """The OpenAI-compatible HTTP API (FastAPI) in front of a Scheduler.
 
 Routes: POST /v1/completions and /v1/chat/completions (both with `stream`),
-GET /v1/models, /health and /metrics. Request bodies are validated by pydantic
-models that forbid unknown fields; every error is an OpenAI-style body
-({"error": {"message", "type", "param", "code"}}) with status 400 for bad
-input, 401 for a missing or wrong API key, 404 for another model, 503 while
-the engine is failed or draining. The app does not know whether the engine is
-torch.distributed ranks or onnxruntime.
+GET /v1/models, /health, /metrics and /openapi.json. Every error body has
+OpenAI's shape ({"error": {"message", "type", "param", "code"}}), 404 and 405
+included: 400 for bad input (the message names the field), 401 for a missing
+or wrong API key, 404 for another model, 413 for a body over
+--max-request-bytes, 500 when one request fails (nothing else does), 503
+while the engine is failed or draining. Tokenizing prompts and building
+bodies run in a worker thread, so a 5 MB prompt never stalls /health. A
+client that goes away cancels its sequences within one decode step. The app
+does not know whether the engine is torch.distributed ranks or onnxruntime.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .generation import Plan, RequestError, plan_chat, plan_completion
 from .metrics import CONTENT_TYPE, ServeMetrics
-from .replies import Reply, error_body, sse
-from .scheduler import EngineUnavailable, Event, GenerationRequest, Scheduler
+from .replies import ChoiceState, Reply, error_body, sse_line
+from .scheduler import EngineUnavailable, Event, Scheduler
+from .schemas import GENERATION_RESPONSES, ChatCompletionRequest, CompletionRequest, ErrorResponse
 
-DISCONNECT_POLL_S = 0.5
+log = logging.getLogger("orion_cli.serve")
 
 
 @dataclass
@@ -43,6 +53,11 @@ class ServedModel:
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": "orion", "root": self.root,
                 "max_model_len": self.max_model_len, **self.metadata}
 
+    @functools.cached_property
+    def token_text(self):
+        """One token decoded alone (log-probability entries), cached: the same tokens recur."""
+        return functools.lru_cache(maxsize=1 << 16)(lambda token: self.tokenizer.decode([token]))
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -54,70 +69,69 @@ class APIError(Exception):
         return JSONResponse(status_code=self.status, content=error_body(self.message, self.kind, self.param, self.code))
 
 
-# -- request bodies --------------------------------------------------------------------
+def unavailable(reason: str) -> APIError:
+    return APIError(503, reason, kind="service_unavailable", code="service_unavailable")
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class RequestGate:
+    """ASGI middleware in front of the routes: 503 at once while the engine cannot take work, and 413 for
+    bodies over the limit (read whole here, so a chunked body cannot slip past a Content-Length check)."""
+
+    def __init__(self, app: Any, scheduler: Scheduler, max_request_bytes: int, metrics: ServeMetrics):
+        self.app, self.scheduler, self.limit, self.metrics = app, scheduler, max_request_bytes, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if not self.scheduler.healthy:
+            reason = f"the engine failed: {self.scheduler.failure}" if self.scheduler.failure else \
+                "the server is shutting down"
+            return await self._refuse(send, receive, unavailable(reason))
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send, receive, self._too_large())
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
+                return
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.limit:
+                return await self._refuse(send, receive, self._too_large(), more=bool(message.get("more_body")))
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(parts), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: waits for the client's disconnect
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than this server's --max-request-bytes ({self.limit})",
+                        code="request_too_large")
+
+    async def _refuse(self, send: Any, receive: Any, error: APIError, more: bool = True) -> None:
+        self.metrics.requests.labels(f"http_{error.status}").inc()
+        while more:  # read what the client sends, unkept: closing on unread bytes resets the connection
+            message = await receive()
+            more = message["type"] == "http.request" and bool(message.get("more_body"))
+        body = json.dumps(error_body(error.message, error.kind, error.param, error.code)).encode()
+        await send({"type": "http.response.start", "status": error.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
 
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _Sampling(_Body):
-    model: str
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: Union[str, list[str], None] = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    return_token_ids: bool = False  # orion (and vLLM) extension: the generated token ids per choice
-    ignore_eos: bool = False  # orion (and vLLM) extension: generate max_tokens tokens whatever they are
-
-
-class CompletionRequest(_Sampling):
-    prompt: Union[str, list[int], list[str], list[list[int]]]
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-
-
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... pass through to the chat template
-    role: str
-    content: Union[str, list[TextPart], None] = None
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Union[str, dict[str, Any], None] = None
-    parallel_tool_calls: bool | None = None
-
-
-# -- the app -----------------------------------------------------------------------------
-
-
-def create_app(scheduler: Scheduler, served: ServedModel, metrics: ServeMetrics, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="orion serve", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(scheduler: Scheduler, served: ServedModel, metrics: ServeMetrics, api_key: str | None = None,
+               max_request_bytes: int = 16 << 20) -> FastAPI:
+    app = FastAPI(title="orion serve", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.add_middleware(RequestGate, scheduler=scheduler, max_request_bytes=max_request_bytes, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -130,6 +144,22 @@ def create_app(scheduler: Scheduler, served: ServedModel, metrics: ServeMetrics,
         message, param = describe_validation_error(exc)
         return JSONResponse(status_code=400, content=error_body(message, param=param))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        metrics.requests.labels(f"http_{exc.status_code}").inc()
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {str(exc.detail).lower()}"
+        return JSONResponse(status_code=exc.status_code, content=error_body(message, kind, code=exc.status_code),
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # a bug met by one request fails that request; the server goes on
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        metrics.requests.labels("http_500").inc()
+        return JSONResponse(status_code=500, content=error_body(
+            f"this request failed: {type(exc).__name__}: {str(exc).strip()[:200]}", "internal_error", code=500))
+
     def authorize(request: Request) -> None:
         if api_key is None:
             return
@@ -139,46 +169,58 @@ def create_app(scheduler: Scheduler, served: ServedModel, metrics: ServeMetrics,
             raise APIError(401, "missing or incorrect API key; send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "The engine failed or the server is draining."}})
     async def health():
         if scheduler.healthy:
             return {"status": "ok"}
         reason = scheduler.failure or "shutting down"
         return JSONResponse(status_code=503, content={"status": "unavailable", "reason": reason})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {}}, "description": "Prometheus text"}})
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models", dependencies=[Depends(authorize)], responses={401: {"model": ErrorResponse}})
     async def models():
         return {"object": "list", "data": [served.card()]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)],
+             responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
     async def model(model_id: str):
         check_model(model_id, served)
         return served.card()
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions", dependencies=[Depends(authorize)], responses=GENERATION_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model, served)
-        unsupported(body, echo=False, logprobs=None, best_of=(None, 1), suffix=None)
-        prompt_ids = completion_prompt(body.prompt, served)
-        generation = generation_request(body, prompt_ids, body.max_tokens or 16, served)
-        return await respond(request, scheduler, served, metrics, body, generation, chat=False)
+        warn_unknown(body)
+        plan = await planned(plan_completion, body, served)
+        prompt_texts = [served.tokenizer.decode(p) for p in plan.prompts] if plan.echo else []
+        return await respond(request, scheduler, served, metrics, body, plan, chat=False, prompt_texts=prompt_texts)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], responses=GENERATION_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model, served)
-        unsupported(body, logprobs=(None, False), top_logprobs=None, tools=None, tool_choice=(None, "none"))
-        if body.response_format not in (None, {"type": "text"}):
-            raise APIError(400, "response_format: only {\"type\": \"text\"} is supported", param="response_format")
-        prompt_ids = chat_prompt(body.messages, served)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        generation = generation_request(body, prompt_ids, max_tokens, served)
-        return await respond(request, scheduler, served, metrics, body, generation, chat=True)
+        warn_unknown(body)
+        plan = await planned(plan_chat, body, served)
+        return await respond(request, scheduler, served, metrics, body, plan, chat=True)
 
+    app.openapi = lambda: openapi_without_422(app)
     return app
+
+
+def openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """FastAPI documents 422 for validation errors; this server answers them with 400 (OpenAI's status)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -187,13 +229,12 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     where = ".".join(loc)
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first.get('msg'))})", None
-    if first.get("type") == "extra_forbidden":
-        return f"unknown field '{where}'", where
     if first.get("type") == "missing":
         return f"missing required field '{where}'", where
     if not where:
         return f"the request body must be a JSON object ({first.get('msg')})", None
-    return f"{where}: {first.get('msg')} (got {first.get('input')!r})", where
+    value = repr(first.get("input"))
+    return f"{where}: {first.get('msg')} (got {value[:100]}{'...' if len(value) > 100 else ''})", where
 
 
 def check_model(model: str, served: ServedModel) -> None:
@@ -202,123 +243,104 @@ def check_model(model: str, served: ServedModel) -> None:
                        param="model", code="model_not_found")
 
 
-def unsupported(body: BaseModel, **allowed: Any) -> None:
-    """Reject OpenAI parameters orion does not implement, unless left at their neutral value."""
-    for name, neutral in allowed.items():
-        value = getattr(body, name)
-        accepted = neutral if isinstance(neutral, tuple) else (neutral,)
-        if value not in accepted:
-            raise APIError(400, f"{name}: not supported by orion serve (got {value!r})", param=name)
-    if body.n != 1:
-        raise APIError(400, f"n: only n=1 is supported (got {body.n})", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise APIError(400, f"{name}: not supported by orion serve (got {getattr(body, name)})", param=name)
-    if body.logit_bias:
-        raise APIError(400, "logit_bias: not supported by orion serve", param="logit_bias")
+def warn_unknown(body: Any) -> None:
+    unknown = body.unknown_fields()
+    if unknown:
+        log.warning("ignoring unknown request fields: %s", ", ".join(unknown))
 
 
-def completion_prompt(prompt: Any, served: ServedModel) -> list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        ids = served.tokenizer(prompt)["input_ids"]
-    elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        bad = [t for t in prompt if not 0 <= t < served.vocab_size]
-        if bad:
-            raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary (0..{served.vocab_size - 1})",
-                           param="prompt")
-        ids = list(prompt)
-    else:
-        raise APIError(400, "prompt: one prompt per request is supported (a string or a list of token ids)",
-                       param="prompt")
-    if not ids:
-        raise APIError(400, "prompt: is empty", param="prompt")
-    return ids
-
-
-def chat_prompt(messages: list[ChatMessage], served: ServedModel) -> list[int]:
-    if not getattr(served.tokenizer, "chat_template", None):
-        raise APIError(400, f"the model '{served.id}' has no chat template; use /v1/completions", param="messages")
-    plain = []
-    for message in messages:
-        content = message.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        plain.append({**(message.model_extra or {}), "role": message.role, "content": content or ""})
+async def planned(planner: Any, body: Any, served: ServedModel) -> Plan:
     try:
-        ids = served.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
-    except Exception as exc:  # noqa: BLE001 - jinja raises whatever the template raises
-        raise APIError(400, f"messages: the chat template rejected them ({exc})", param="messages") from None
-    if isinstance(ids, dict):
-        ids = ids["input_ids"]
-    return list(ids)
-
-
-def generation_request(body: _Sampling, prompt_ids: list[int], max_tokens: int | None,
-                       served: ServedModel) -> GenerationRequest:
-    limit = served.max_model_len
-    if len(prompt_ids) >= limit:
-        raise APIError(400, f"the prompt is {len(prompt_ids)} tokens but this server's --max-model-len is {limit} "
-                            "(prompt and completion together)", param="prompt" if hasattr(body, "prompt") else "messages",
-                       code="context_length_exceeded")
-    if max_tokens is None:
-        max_tokens = limit - len(prompt_ids)
-    if max_tokens < 1:
-        raise APIError(400, f"max_tokens: must be at least 1 (got {max_tokens})", param="max_tokens")
-    if len(prompt_ids) + max_tokens > limit:
-        raise APIError(400, f"this server's --max-model-len is {limit} tokens, but {len(prompt_ids) + max_tokens} "
-                            f"were requested ({len(prompt_ids)} in the prompt, {max_tokens} in the completion)",
-                       param="max_tokens", code="context_length_exceeded")
-    if not 0.0 <= body.temperature <= 2.0:
-        raise APIError(400, f"temperature: must be between 0 and 2 (got {body.temperature})", param="temperature")
-    if not 0.0 < body.top_p <= 1.0:
-        raise APIError(400, f"top_p: must be in (0, 1] (got {body.top_p})", param="top_p")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 4:
-        raise APIError(400, f"stop: at most 4 sequences (got {len(stop)})", param="stop")
-    return GenerationRequest(prompt_ids, max_tokens, body.temperature, body.top_p, body.seed, stop, body.ignore_eos)
+        return await run_in_threadpool(planner, body, served)
+    except RequestError as exc:
+        raise APIError(exc.status, exc.message, exc.param, exc.code) from None
 
 
 # -- answering ---------------------------------------------------------------------------
 
 
-async def respond(request: Request, scheduler: Scheduler, served: ServedModel, metrics: ServeMetrics,
-                  body: _Sampling, generation: GenerationRequest, chat: bool):
+async def respond(request: Request, scheduler: Scheduler, served: ServedModel, metrics: ServeMetrics, body: Any,
+                  plan: Plan, chat: bool, prompt_texts: list[str] | None = None):
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Event] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     try:
-        request_id = scheduler.submit(generation, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        ids = scheduler.submit_all([(sequence, functools.partial(_deliver, loop, queue, index))
+                                    for index, sequence in enumerate(plan.sequences)])
     except EngineUnavailable as exc:
-        raise APIError(503, str(exc), kind="service_unavailable", code="service_unavailable") from None
-    reply = Reply(served.id, chat, body.return_token_ids, generation.prompt_ids)
+        raise unavailable(str(exc)) from None
+    reply = Reply(served.id, chat, body.return_token_ids, plan, served.token_text)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = sse(queue, scheduler, request_id, reply, usage, metrics)
+        stream = _stream(queue, scheduler, ids, reply, usage, metrics, prompt_texts or [])
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    text, tokens, last = [], [], Event()
-    finished = False
+    states = [ChoiceState() for _ in ids]
+    left = set(range(len(ids)))
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        while True:
-            try:
-                event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return Response(status_code=499)
-                continue
+        while left:
+            next_event = asyncio.ensure_future(queue.get())
+            await asyncio.wait({next_event, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not next_event.done():  # the client went away: cancel its sequences now
+                next_event.cancel()
+                return Response(status_code=499)
+            index, event = next_event.result()
             if event.error:
-                finished = True
-                raise APIError(503, f"the engine failed while answering: {event.error}",
-                               kind="service_unavailable", code="service_unavailable")
-            text.append(event.text)
-            tokens.extend(event.token_ids)
-            last = event
+                raise unavailable(f"the engine failed while answering: {event.error}")
+            if event.failure:
+                raise APIError(500, f"this request failed: {event.failure}", kind="internal_error", code="500")
+            states[index].add(event)
             if event.finish_reason:
-                finished = True
-                break
+                left.discard(index)
     finally:
-        if not finished:
-            scheduler.cancel(request_id)
-    metrics.requests.labels(last.finish_reason).inc()
-    return reply.full("".join(text), tokens, last)
+        gone.cancel()
+        for index in left:
+            scheduler.cancel(ids[index])
+    return await run_in_threadpool(reply.full, states, prompt_texts or [])
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int, event: Event) -> None:
+    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body was read already: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _stream(queue: asyncio.Queue, scheduler: Scheduler, ids: list[int], reply: Reply, include_usage: bool,
+                  metrics: ServeMetrics, prompt_texts: list[str]) -> AsyncIterator[str]:
+    states = [ChoiceState() for _ in ids]
+    left = set(range(len(ids)))
+    echoed: set[int] = set()
+    try:
+        if reply.chat:
+            for index in range(len(ids)):
+                yield sse_line(reply.role_chunk(index))
+        while left:
+            index, event = await queue.get()
+            if event.error or event.failure:
+                status = 503 if event.error else 500
+                metrics.requests.labels(f"http_{status}").inc()
+                message = f"the engine failed while answering: {event.error}" if event.error else \
+                    f"this request failed: {event.failure}"
+                yield sse_line(error_body(message, "service_unavailable" if event.error else "internal_error",
+                                          code=status))
+                return
+            states[index].add(event)
+            echo = ""
+            if prompt_texts and index not in echoed:
+                echo = prompt_texts[reply.plan.prompt_of(index)]
+                echoed.add(index)
+            if echo or event.text or event.logprobs or event.prompt_logprobs or event.finish_reason or \
+                    (reply.with_token_ids and event.token_ids):
+                yield sse_line(await run_in_threadpool(reply.chunk, index, event, echo))
+            if event.finish_reason:
+                left.discard(index)
+        if include_usage:
+            yield sse_line(reply.usage_chunk(states))
+        yield "data: [DONE]\n\n"
+    finally:
+        for index in left:  # the client went away mid-stream: free the slots
+            scheduler.cancel(ids[index])

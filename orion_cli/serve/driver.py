@@ -1,8 +1,9 @@
 """Rank 0's process: the scheduler, the HTTP server, and how they stop.
 
-SIGTERM (torchrun forwards it from `orion serve`) drains: the server stops
-taking requests (/health answers 503), in-flight ones finish within
---drain-timeout, then every rank is told to stop. A failed step ends the
+SIGTERM (torchrun forwards it from `orion serve`) drains: new requests and
+/health get 503 at once while the listening socket stays open, in-flight
+requests finish within --drain-timeout, then the HTTP server and every rank
+stop. A second Ctrl-C stops at once. A failed step ends the
 engine instead: in-flight requests get 503 and the process exits non-zero,
 so torchrun restarts the group (--max-restarts) or `orion serve` exits.
 """
@@ -15,6 +16,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,17 +31,36 @@ log = logging.getLogger("orion_cli.serve")
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, telling the scheduler to refuse new work as soon as a stop signal arrives."""
+    """uvicorn, answering 503 from the first stop signal until in-flight requests are done, then stopping.
 
-    def __init__(self, config: uvicorn.Config, scheduler: Scheduler):
+    uvicorn's own shutdown closes the listening socket first, so new clients
+    would get connection resets; this keeps it open while the scheduler drains.
+    """
+
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, drain_timeout: float):
         super().__init__(config)
         self.scheduler = scheduler
+        self.drain_timeout = drain_timeout
         self.stopped_by: str | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.stopped_by is not None:
+            # torchrun's agent may deliver SIGTERM more than once; a second Ctrl-C stops at once
+            if sig == signal.SIGINT:
+                self.should_exit = self.force_exit = True
+            return
+        self.stopped_by = signal.Signals(sig).name
         self.scheduler.drain()
-        self.stopped_by = self.stopped_by or signal.Signals(sig).name
-        super().handle_exit(sig, frame)
+        threading.Thread(target=self._exit_when_drained, name="orion-drain", daemon=True).start()
+
+    def _exit_when_drained(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        # in flight: sequences the engine still runs, and HTTP responses still being sent (a stream may
+        # outlast its generation: the engine finishes first, the client reads later)
+        while (self.scheduler.in_flight or self.server_state.tasks) and self.scheduler.failure is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.should_exit = True
 
 
 def eos_token_ids(model_dir: str | Path, tokenizer: Any) -> set[int]:
@@ -54,11 +75,11 @@ def eos_token_ids(model_dir: str | Path, tokenizer: Any) -> set[int]:
 
 
 def serve_http(runner: StepRunner, served: ServedModel, sock: socket.socket, *, eos: set[int],
-               max_batch_size: int, api_key: str | None, drain_timeout: float, verbose: bool,
+               max_batch_size: int, api_key: str | None, drain_timeout: float, max_request_bytes: int, verbose: bool,
                announce: Callable[[dict[str, Any]], None], describe: dict[str, Any],
                recompute_at: int | None = None) -> dict[str, Any]:
     """Serve until stopped; returns what happened, with the process exit code under "code"."""
-    metrics = ServeMetrics()
+    metrics = ServeMetrics(served.id)
     failed = threading.Event()
 
     def on_failure(reason: str) -> None:
@@ -66,10 +87,11 @@ def serve_http(runner: StepRunner, served: ServedModel, sock: socket.socket, *, 
         server.should_exit = True
 
     scheduler = Scheduler(runner, served.tokenizer, eos, max_batch_size, served.max_model_len, metrics, on_failure,
-                          recompute_at)
-    config = uvicorn.Config(create_app(scheduler, served, metrics, api_key), log_level="info" if verbose else "warning",
-                            access_log=verbose, timeout_graceful_shutdown=int(max(1, drain_timeout)), lifespan="off")
-    server = DrainingServer(config, scheduler)
+                          recompute_at, served.vocab_size)
+    app = create_app(scheduler, served, metrics, api_key, max_request_bytes)
+    config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
+                            timeout_graceful_shutdown=int(max(1, drain_timeout)), lifespan="off")
+    server = DrainingServer(config, scheduler, drain_timeout)
     metrics.update_ranks(runner.run(StepPlan("stats")) or [])  # weights per rank, for the ready line and /metrics
     scheduler.start()
     host, port = sock.getsockname()[:2]
@@ -119,7 +141,7 @@ def run_driver(spec, runtime) -> int:
     code = serve_http(
         DistributedRunner(runtime), served, sock, eos=eos_token_ids(spec.model_dir, tokenizer),
         max_batch_size=settings.max_batch_size, api_key=settings.api_key, drain_timeout=settings.drain_timeout,
-        verbose=spec.verbose, announce=announce,
+        max_request_bytes=settings.max_request_bytes, verbose=spec.verbose, announce=announce,
         describe={"engine": "torch", "tp": settings.tp, "pp": settings.pp, "backend": spec.backend},
         recompute_at=runtime.recompute_at,
     )["code"]

@@ -1,9 +1,12 @@
 """The server's Prometheus figures: requests, tokens, latencies, and every rank's memory and codec bytes.
 
-Latencies are measured on rank 0, where requests live. Per-rank figures
-(weights, KV cache, resident memory, activation bytes sent between pipeline
-stages) are reported by every rank to rank 0 every few seconds and exposed as
-gauges labelled by rank, so one scrape of rank 0 sees the whole world.
+Request figures carry vLLM's names and its `model_name` label, so dashboards
+and alerts built for vLLM work unchanged (vllm:num_requests_running,
+vllm:kv_cache_usage_perc as a fraction, the latency histograms...). Figures
+vLLM has no name for keep orion's: HTTP outcomes, decode batch sizes, and
+per-rank weights, KV cache, resident memory and activation-codec bytes, which
+every rank reports to rank 0 every few seconds, labelled by rank, so one
+scrape of rank 0 sees the whole world.
 """
 
 from __future__ import annotations
@@ -15,31 +18,64 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-ITL_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
-E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+# vLLM's buckets
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                   480.0, 960.0, 1920.0, 7680.0)
 
 RANK_LABELS = ("rank", "node", "stage", "tp_rank")
 
 
+class _PerModel:
+    """A labelled metric with model_name already filled in."""
+
+    def __init__(self, metric: Any, model_name: str):
+        self.metric, self.model_name = metric, model_name
+
+    def labels(self, **labels: str) -> Any:
+        return self.metric.labels(model_name=self.model_name, **labels)
+
+
 class ServeMetrics:
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.running = Gauge("orion_requests_running", "Requests in the running batch.", registry=r)
-        self.waiting = Gauge("orion_requests_waiting", "Requests waiting for a slot.", registry=r)
-        self.prompt_tokens = Counter("orion_prompt_tokens", "Prompt tokens received.", registry=r)
-        self.generation_tokens = Counter("orion_generation_tokens", "Tokens generated.", registry=r)
-        self.requests = Counter("orion_requests", "Requests answered, by finish reason or HTTP error.",
+        model = ["model_name"]
+
+        def per_model(metric: Any) -> Any:
+            return metric.labels(model_name=model_name)
+
+        self.running = per_model(Gauge("vllm:num_requests_running", "Requests in the running batch.", model,
+                                       registry=r))
+        self.waiting = per_model(Gauge("vllm:num_requests_waiting", "Requests waiting for a slot.", model,
+                                       registry=r))
+        self.kv_cache_usage = per_model(Gauge("vllm:kv_cache_usage_perc", "Fraction of the KV cache's positions in "
+                                              "use (1 means full).", model, registry=r))
+        self.prompt_tokens = per_model(Counter("vllm:prompt_tokens", "Prompt tokens prefilled.", model, registry=r))
+        self.generation_tokens = per_model(Counter("vllm:generation_tokens", "Tokens generated.", model, registry=r))
+        self.request_success = _PerModel(Counter("vllm:request_success", "Requests finished, by reason.",
+                                                 model + ["finished_reason"], registry=r), model_name)
+
+        def histogram(name: str, text: str, buckets: tuple[float, ...]) -> Any:
+            return per_model(Histogram(name, text, model, buckets=buckets, registry=r))
+
+        self.time_to_first_token = histogram("vllm:time_to_first_token_seconds",
+                                             "From arrival to the first generated token.", TTFT_BUCKETS)
+        self.inter_token_latency = histogram("vllm:inter_token_latency_seconds",
+                                             "Between consecutive tokens of a request.", ITL_BUCKETS)
+        self.e2e_latency = histogram("vllm:e2e_request_latency_seconds", "From arrival to the last token.",
+                                     REQUEST_BUCKETS)
+        self.queue_time = histogram("vllm:request_queue_time_seconds", "From arrival to admission into the batch.",
+                                    REQUEST_BUCKETS)
+        self.prefill_time = histogram("vllm:request_prefill_time_seconds", "The prefill step of a request.",
+                                      REQUEST_BUCKETS)
+        self.decode_time = histogram("vllm:request_decode_time_seconds", "From the first token to the last.",
+                                     REQUEST_BUCKETS)
+        self.requests = Counter("orion_requests", "HTTP requests answered with an error, by status.",
                                 ["outcome"], registry=r)
-        self.time_to_first_token = Histogram("orion_time_to_first_token_seconds",
-                                             "From arrival to the first generated token.",
-                                             buckets=TTFT_BUCKETS, registry=r)
-        self.inter_token_latency = Histogram("orion_inter_token_latency_seconds",
-                                             "Between consecutive tokens of a request.",
-                                             buckets=ITL_BUCKETS, registry=r)
-        self.e2e_latency = Histogram("orion_e2e_request_latency_seconds", "From arrival to the last token.",
-                                     buckets=E2E_BUCKETS, registry=r)
         self.decode_batch_size = Histogram("orion_decode_batch_size", "Requests sharing each decode step.",
                                            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128), registry=r)
         self.ranks: list[dict[str, Any]] = []

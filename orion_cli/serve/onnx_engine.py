@@ -24,6 +24,7 @@ from .sampling import Sampler
 
 log = logging.getLogger("orion_cli.serve")
 
+
 class OnnxRunner:
     """The scheduler's StepRunner over one OnnxDecoder."""
 
@@ -47,8 +48,12 @@ class OnnxRunner:
         if plan.kind == "stats":
             return [self.stats()]
         if plan.kind == "prefill":
-            logits = [self._prefill(plan.first_slot + row, tokens) for row, tokens in enumerate(plan.tokens)]
-            return self.sampler.sample(self.torch.from_numpy(np.stack(logits)), plan.request_ids)
+            wanted = self.sampler.wants_prompt_logprobs(plan.request_ids)
+            every = [self._prefill(plan.first_slot + row, tokens, want)
+                     for row, (tokens, want) in enumerate(zip(plan.tokens, wanted))]
+            last = self.torch.from_numpy(np.stack([logits[-1] for logits in every]))
+            scored = [self.torch.from_numpy(logits) if want else None for logits, want in zip(every, wanted)]
+            return self.sampler.sample(last, plan.request_ids, plan.tokens, scored)
         if plan.kind == "decode":
             logits = self._decode(plan.tokens, plan.starts)
             return self.sampler.sample(self.torch.from_numpy(logits), plan.request_ids)
@@ -57,10 +62,11 @@ class OnnxRunner:
     def shutdown(self) -> None:
         self.slots.clear()
 
-    def _prefill(self, slot: int, tokens: list[int]) -> np.ndarray:
+    def _prefill(self, slot: int, tokens: list[int], every_position: bool) -> np.ndarray:
+        """[positions, vocab] logits: every position when scoring the prompt, else the last only."""
         logits, presents = self.decoder.run(np.array([tokens], dtype=np.int64), None, None, None)
         self.slots[slot] = presents
-        return logits[0, -1].astype(np.float32)
+        return (logits[0] if every_position else logits[0, -1:]).astype(np.float32)
 
     def _decode(self, tokens: list[list[int]], starts: list[int]) -> np.ndarray:
         rows, longest = len(tokens), max(starts)
@@ -144,7 +150,8 @@ def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None
     with sock:
         result = serve_http(runner, served, sock, eos=eos_token_ids(model.path, tokenizer),
                             max_batch_size=settings.max_batch_size, api_key=settings.api_key,
-                            drain_timeout=settings.drain_timeout, verbose=job.verbose,
+                            drain_timeout=settings.drain_timeout,
+                            max_request_bytes=settings.max_request_bytes, verbose=job.verbose,
                             announce=lambda event: event.get("event") == "summary" or on_event(event),
                             describe={"engine": "onnxruntime", "tp": 1, "pp": 1})
     summary.url = result["url"]

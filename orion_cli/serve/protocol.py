@@ -19,6 +19,15 @@ class SamplingSpec:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token, computed in the prefill (echo)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclass
@@ -45,3 +54,9 @@ class StepPlan:
     @property
     def has_work(self) -> bool:
         return self.kind in ("prefill", "decode")
+
+    @property
+    def scores_prompts(self) -> bool:
+        """A prefill whose requests want their prompts' log-probabilities: the last stage keeps every
+        position's logits (the scheduler never mixes these with other requests in one prefill)."""
+        return self.kind == "prefill" and any(spec.prompt_logprobs is not None for spec in self.admit.values())

@@ -21,12 +21,14 @@ from typing import Any, Callable, Protocol
 
 from .metrics import ServeMetrics
 from .protocol import SamplingSpec, StepPlan
+from .sampling import Sampled, TokenLogprob
 from .text import TextStream
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0  # an idle engine still steps this often, so a dead rank is noticed
 STATS_INTERVAL_S = 2.0
+SCORING_LOGITS_BYTES = 1 << 30  # a prefill scoring prompts holds every position's logits (float32): at most this
 
 
 class EngineUnavailable(Exception):
@@ -34,8 +36,8 @@ class EngineUnavailable(Exception):
 
 
 class StepRunner(Protocol):
-    def run(self, plan: StepPlan) -> list[int] | list[dict[str, Any]] | None:
-        """Tokens for a prefill/decode plan, every rank's figures for a stats plan, None otherwise."""
+    def run(self, plan: StepPlan) -> list[Sampled] | list[dict[str, Any]] | None:
+        """One result per row of a prefill/decode plan, every rank's figures for a stats plan, None otherwise."""
 
     def shutdown(self) -> None:
         """Stop every rank (after the last plan)."""
@@ -50,18 +52,31 @@ class GenerationRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # see SamplingSpec
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 @dataclass
 class Event:
-    """What the API receives for a request: text as it is decoded, then a finish reason or an error."""
+    """What the API receives for a request: text as it is decoded, then a finish reason or an error.
+
+    `error`: the engine failed (every request gets it, 503). `failure`: this request failed and nothing
+    else did (500). `logprobs` are the generated tokens' (the end-of-sequence token included, whose text is
+    empty), `prompt_logprobs` the prompt's, on the first event of a request scoring its prompt.
+    """
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length"
     error: str | None = None
+    failure: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 Deliver = Callable[[Event], None]
@@ -77,17 +92,25 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     cached: int = 0  # positions in the KV cache
     last_token_at: float = 0.0
+    admitted_at: float = 0.0
+    first_token_at: float = 0.0
 
     @property
     def spec(self) -> SamplingSpec:
         r = self.request
-        return SamplingSpec(r.temperature, r.top_p, r.seed if r.seed is not None else secrets.randbits(63))
+        return SamplingSpec(r.temperature, r.top_p, r.seed if r.seed is not None else secrets.randbits(63),
+                            r.logprobs, r.prompt_logprobs, r.presence_penalty, r.frequency_penalty,
+                            r.repetition_penalty)
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.request.prompt_logprobs is not None
 
 
 class Scheduler:
     def __init__(self, runner: StepRunner, tokenizer: Any, eos_token_ids: set[int], max_batch_size: int,
                  max_model_len: int, metrics: ServeMetrics, on_failure: Callable[[str], None] | None = None,
-                 recompute_at: int | None = None):
+                 recompute_at: int | None = None, vocab_size: int = 1):
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -96,6 +119,7 @@ class Scheduler:
         self.metrics = metrics
         self.on_failure = on_failure
         self.recompute_at = recompute_at  # plans.recompute_position: the cache is rebuilt when a request reaches it
+        self.scoring_positions = max(1, SCORING_LOGITS_BYTES // (4 * vocab_size))
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._waiting: deque[_Sequence] = deque()
@@ -121,18 +145,22 @@ class Scheduler:
         return self.failure is None and self._accepting
 
     def submit(self, request: GenerationRequest, deliver: Deliver) -> int:
+        return self.submit_all([(request, deliver)])[0]
+
+    def submit_all(self, requests: list[tuple[GenerationRequest, Deliver]]) -> list[int]:
+        """Queue a client's sequences together, so one prefill can take them all; their ids, in order."""
         with self._cond:
             if self.failure is not None:
                 raise EngineUnavailable(f"the engine failed: {self.failure}")
             if not self._accepting:
                 raise EngineUnavailable("the server is shutting down")
-            sequence = _Sequence(next(self._ids), request, deliver, TextStream(self.tokenizer, request.stop),
-                                 time.perf_counter())
-            self._waiting.append(sequence)
-            self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+            now = time.perf_counter()
+            sequences = [_Sequence(next(self._ids), request, deliver, TextStream(self.tokenizer, request.stop), now)
+                         for request, deliver in requests]
+            self._waiting.extend(sequences)
             self._update_gauges()
             self._cond.notify()
-            return sequence.id
+            return [sequence.id for sequence in sequences]
 
     def cancel(self, request_id: int) -> None:
         """The client went away: free the request's slot at the next step."""
@@ -202,7 +230,7 @@ class Scheduler:
                 return self._stats_plan()
             free = self.max_batch_size - len(self._running)
             if self._waiting and free > 0:
-                admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                admitted = self._admit(free)
                 first_slot = len(self._running)
                 self._running.extend(admitted)
                 self._update_gauges()
@@ -217,6 +245,23 @@ class Scheduler:
                 plan = StepPlan("decode", [s.id for s in self._running], [[s.generated[-1]] for s in self._running],
                                 [s.cached for s in self._running])
             return self._with_pending(plan)
+
+    def _admit(self, free: int) -> list[_Sequence]:
+        """The waiting requests the next prefill takes, in arrival order: requests scoring their prompts
+        (every position's logits, SCORING_LOGITS_BYTES at most) never share a prefill with the others."""
+        scoring = self._waiting[0].scores_prompt
+        admitted: list[_Sequence] = []
+        width = 0  # the prefill's rows are padded to the longest prompt
+        while self._waiting and len(admitted) < free and self._waiting[0].scores_prompt == scoring:
+            width = max(width, len(self._waiting[0].request.prompt_ids))
+            if scoring and admitted and width * (len(admitted) + 1) > self.scoring_positions:
+                break
+            admitted.append(self._waiting.popleft())
+        now = time.perf_counter()
+        for sequence in admitted:
+            sequence.admitted_at = now
+            self.metrics.queue_time.observe(now - sequence.arrived)
+        return admitted
 
     def _needing_recompute(self) -> int | None:
         """The slot of a request whose next token reaches the position where the model's generate() rebuilds its
@@ -244,42 +289,63 @@ class Scheduler:
         self._cancelled.clear()
         self._update_gauges()
 
-    def _advance(self, plan: StepPlan, tokens: list[int]) -> None:
+    def _advance(self, plan: StepPlan, results: list[Sampled]) -> None:
         now = time.perf_counter()
         finished: list[tuple[_Sequence, Event]] = []
         events: list[tuple[_Sequence, Event]] = []
         with self._cond:
             by_id = {s.id: s for s in self._running}
-            for request_id, token, fed in zip(plan.request_ids, tokens, plan.tokens):
+            for request_id, result, fed in zip(plan.request_ids, results, plan.tokens):
                 sequence = by_id.get(request_id)
                 if sequence is None:  # cancelled while the step ran
                     continue
                 sequence.cached += len(fed)
-                event = self._push(sequence, token, now)
-                if event.finish_reason:
+                try:
+                    event = self._push(sequence, result, now)
+                except Exception as exc:  # noqa: BLE001 - detokenizing one request fails that request only
+                    log.debug("request %d failed", request_id, exc_info=True)
+                    event = Event(failure=f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+                if event.finish_reason or event.failure:
                     self._remove(sequence)
                     finished.append((sequence, event))
-                elif event.text or event.token_ids:
+                elif event.text or event.token_ids or event.logprobs:
                     events.append((sequence, event))
             self._update_gauges()
         for sequence, event in events + finished:
             sequence.deliver(event)
-        for sequence, _ in finished:
+        for sequence, event in finished:
+            if event.failure:
+                continue
             self.metrics.e2e_latency.observe(now - sequence.arrived)
+            if sequence.first_token_at:
+                self.metrics.decode_time.observe(now - sequence.first_token_at)
+            self.metrics.request_success.labels(finished_reason=event.finish_reason).inc()
             self.served += 1
 
-    def _push(self, sequence: _Sequence, token: int, now: float) -> Event:
+    def _push(self, sequence: _Sequence, result: Sampled, now: float) -> Event:
         request = sequence.request
-        if not sequence.generated:
+        if result.error:
+            return Event(failure=result.error)
+        event = Event(prompt_tokens=len(request.prompt_ids))
+        if not sequence.generated and not sequence.first_token_at:  # this request's prefill
+            self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+            self.metrics.prefill_time.observe(now - sequence.admitted_at)
+            event.prompt_logprobs = result.prompt
+            if request.max_tokens == 0:  # scoring the prompt only (echo with max_tokens 0)
+                event.finish_reason = "length"
+                return event
             self.metrics.time_to_first_token.observe(now - sequence.arrived)
+            sequence.first_token_at = now
         else:
             self.metrics.inter_token_latency.observe(now - sequence.last_token_at)
         sequence.last_token_at = now
         self.metrics.generation_tokens.inc()
         self.generated_tokens += 1
-        event = Event(prompt_tokens=len(request.prompt_ids))
+        token = result.token
+        if result.logprob is not None:
+            event.logprobs = [result.logprob]
         if token in self.eos_token_ids and not request.ignore_eos:
-            event.text, event.finish_reason = sequence.text.flush(), "stop"
+            event.text, event.finish_reason = sequence.text.finish(), "stop"
         else:
             sequence.generated.append(token)
             event.token_ids = [token]
@@ -288,7 +354,7 @@ class Scheduler:
                 event.finish_reason = "stop"
             elif len(sequence.generated) >= request.max_tokens or \
                     len(request.prompt_ids) + len(sequence.generated) >= self.max_model_len:
-                event.text += sequence.text.flush()
+                event.text += sequence.text.finish()
                 event.finish_reason = "length"
         event.completion_tokens = len(sequence.generated)
         return event
@@ -320,3 +386,6 @@ class Scheduler:
     def _update_gauges(self) -> None:
         self.metrics.running.set(len(self._running))
         self.metrics.waiting.set(len(self._waiting))
+        # the slot cache holds max_batch_size sequences of max_model_len positions
+        used = sum(s.cached for s in self._running)
+        self.metrics.kv_cache_usage.set(used / (self.max_batch_size * self.max_model_len))

@@ -192,6 +192,8 @@ class StageModel(nn.Module):
         return args, {**kwargs, "hidden_states": self.handover.received}
 
     def _keep_last_positions(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if self.handover.last_index is None:  # scoring prompts: every position goes to the head
+            return output
         hidden = output[0]
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         output["last_hidden_state"] = hidden[rows, self.handover.last_index].unsqueeze(1)
@@ -201,8 +203,10 @@ class StageModel(nn.Module):
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
-    def step(self, step: Step, tokens: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Run one step: logits [rows, vocab] on the last stage, else the hidden states to send on."""
+    def step(self, step: Step, tokens: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
+             every_position: bool = False) -> torch.Tensor:
+        """Run one step: logits [rows, vocab] on the last stage ([rows, width, vocab] with `every_position`),
+        else the hidden states to send on."""
         self.cache.reserve(step.key_length if not step.prefill else step.width)
         context = CURRENT.set(Context(self.cache, step))
         try:
@@ -211,6 +215,10 @@ class StageModel(nn.Module):
                 tokens = torch.zeros(step.rows, step.width, dtype=torch.long, device=self.device)
             if self.last:
                 lengths = torch.tensor(step.lengths, device=self.device)
+                if every_position:
+                    self.handover.last_index = None
+                    out = self.model(input_ids=tokens, position_ids=step.positions, use_cache=False, logits_to_keep=0)
+                    return out.logits.float()
                 self.handover.last_index = lengths - 1 if step.prefill else torch.zeros_like(lengths)
                 out = self.model(input_ids=tokens, position_ids=step.positions, use_cache=False, logits_to_keep=1)
                 return out.logits[:, -1].float()

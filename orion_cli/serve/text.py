@@ -27,10 +27,10 @@ class TextStream:
         self._emitted = 0
 
     def _decode_step(self, token_id: int) -> str:
+        self._ids.append(token_id)
         if self._backend is not None:
             return self._stream.step(self._backend, token_id) or ""
         # slow tokenizers: decode everything and take what is new, unless it ends mid-character
-        self._ids.append(token_id)
         full = self._tokenizer.decode(self._ids, skip_special_tokens=True)
         if full.endswith("\ufffd"):
             return ""
@@ -55,6 +55,15 @@ class TextStream:
         delta = self.text[self._emitted:ready]
         self._emitted = ready
         return delta, False
+
+    def finish(self) -> str:
+        """The rest of the text when generation ends without a stop string. A last token that ends inside a
+        UTF-8 character leaves bytes the incremental decoder holds back; decoding every token, as
+        transformers does, shows them as U+FFFD, and so does the finished text."""
+        whole = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        if len(whole) > len(self.text) and whole.startswith(self.text):
+            self.text = whole
+        return self.flush()
 
     def flush(self) -> str:
         """Whatever is still held back, at the end of the request."""

@@ -143,32 +143,44 @@ class RankRuntime:
             return self._gather_stats()
         if not plan.has_work:
             return None
-        tokens = self._forward(plan)
+        sampled = self._forward(plan)
         if topo.sampler == topo.driver:
-            return tokens
+            return sampled
+        # results carry log-probabilities and per-request errors: objects, not a tensor of token ids
         if topo.global_rank == topo.sampler:
-            dist.send(torch.tensor(tokens, dtype=torch.int64), dst=topo.driver, group=topo.cpu_group)
+            dist.send_object_list([sampled], dst=topo.driver, group=topo.cpu_group)
             return None
         if topo.is_driver:
-            received = torch.empty(len(plan.request_ids), dtype=torch.int64)
-            dist.recv(received, src=topo.sampler, group=topo.cpu_group)
-            return received.tolist()
+            box: list[Any] = [None]
+            dist.recv_object_list(box, src=topo.sampler, group=topo.cpu_group)
+            return box[0]
         return None
 
-    def _forward(self, plan: StepPlan) -> list[int] | None:
+    def _forward(self, plan: StepPlan) -> list[Any] | None:
         from .attention import Step
 
         lengths = [len(t) for t in plan.tokens]
         step = Step.make(plan.kind == "prefill", plan.first_slot, lengths, plan.starts, self.device)
+        scoring = plan.scores_prompts
         if self.topology.first:
             ids = torch.tensor([t + [0] * (step.width - len(t)) for t in plan.tokens], device=self.device)
-            out = self.stage.step(step, tokens=ids)
+            out = self.stage.step(step, tokens=ids, every_position=scoring and self.topology.last)
         else:
-            out = self.stage.step(step, hidden=self.link.receive(lengths, self.device, self.dtype))
+            out = self.stage.step(step, hidden=self.link.receive(lengths, self.device, self.dtype),
+                                  every_position=scoring and self.topology.last)
         if not self.topology.last:
             self.link.send(out, lengths)
             return None
-        return self.sampler.sample(out, plan.request_ids) if self.sampler is not None else None
+        if self.sampler is None:
+            return None
+        prompts = plan.tokens if plan.kind == "prefill" else None
+        if not scoring:
+            return self.sampler.sample(out, plan.request_ids, prompts)
+        rows = torch.arange(len(lengths), device=out.device)
+        last = out[rows, torch.tensor(lengths, device=out.device) - 1]
+        wanted = self.sampler.wants_prompt_logprobs(plan.request_ids)
+        every = [out[row, :length] if want else None for row, (length, want) in enumerate(zip(lengths, wanted))]
+        return self.sampler.sample(last, plan.request_ids, prompts, every)
 
     def stats(self) -> dict[str, Any]:
         import psutil
