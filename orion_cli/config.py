@@ -135,7 +135,8 @@ class ServeSettings(_Section):
                                           metavar="CODEC")
     max_batch_size: int = Setting("Requests decoded together (continuous batching).", ge=1)
     max_model_len: int = Setting("Prompt + completion tokens per request.", ge=1)
-    dtype: Dtype = Setting("Weight and activation dtype.")
+    dtype: Dtype = Setting("Weight and activation dtype (on CPU, half precision needs native instructions: "
+                           "AVX512-BF16/AMX-BF16 or AVX512-FP16/AMX-FP16; float32 otherwise).")
     max_restarts: int = Setting("Restarts of the worker group after a failure.", ge=0)
     drain_timeout: float = Setting("Seconds SIGTERM waits for in-flight requests.", gt=0)
     max_request_bytes: int = Setting("Largest HTTP request body; larger ones get 413.", ge=1, metavar="BYTES")

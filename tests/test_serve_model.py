@@ -332,3 +332,36 @@ def test_finished_text_equals_decoding_every_token(tiny_llama):
         stream = TextStream(tokenizer)
         text = "".join(stream.push(token)[0] for token in ids[:cut]) + stream.finish()
         assert text == tokenizer.decode(ids[:cut], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("dtype, flags, served", [
+    ("bfloat16", {"avx2", "fma"}, "float32"),  # no native bf16: float32, saying why
+    ("bfloat16", {"avx2", "avx512_bf16"}, "bfloat16"),
+    ("bfloat16", {"amx_bf16"}, "bfloat16"),
+    ("float16", {"avx2"}, "float32"),
+    ("float16", {"avx512_fp16"}, "float16"),
+    ("float32", {"avx2"}, "float32"),
+    ("bfloat16", set(), "bfloat16"),  # flags unknown (no /proc/cpuinfo): as asked
+])
+def test_half_precision_on_cpu_needs_native_instructions(dtype, flags, served):
+    from orion_cli.serve.options import cpu_dtype
+
+    chosen, why = cpu_dtype(dtype, flags)
+    assert chosen == served
+    assert (why is not None) == (served != dtype)
+    if why:
+        assert why.startswith(f"--dtype {dtype}:") and "AVX512" in why
+
+
+def test_cpu_ranks_serve_in_the_dtype_this_cpu_runs(tiny_llama):
+    from orion_cli.config import shipped_config
+    from orion_cli.modeldir import inspect_model_dir
+    from orion_cli.serve.options import ServeJob, check_torch_options, cpu_dtype, cpu_flags
+
+    shipped = shipped_config()
+    settings = shipped.serve.model_copy(update={"dtype": "bfloat16", "backend": "gloo"})
+    spec = check_torch_options(ServeJob(tiny_llama, "models.json", settings, shipped.codec),
+                               inspect_model_dir(tiny_llama), "llama", None)
+    expected, why = cpu_dtype("bfloat16", cpu_flags())
+    assert spec.serve.dtype == expected
+    assert (why in spec.notes) if why else not any("--dtype" in note for note in spec.notes)

@@ -163,6 +163,11 @@ def check_torch_options(job: ServeJob, model: ModelDir, model_id: str, entry: di
     except (OSError, ValueError, TypeError) as exc:
         raise ModelDirError(f"MODEL_DIR {model.root}: no usable tokenizer ({str(exc).splitlines()[0]})") from None
     notes = []
+    if backend == "gloo":
+        dtype, why = cpu_dtype(settings.dtype, cpu_flags())
+        if why:
+            notes.append(why)
+            settings = settings.model_copy(update={"dtype": dtype})
     if plan.source == "orion" and world > 1:
         notes.append(f"{hf_config.model_type}: transformers ships no parallel plan; using orion's")
     max_model_len = settings.max_model_len
@@ -178,6 +183,32 @@ def check_torch_options(job: ServeJob, model: ModelDir, model_id: str, entry: di
         verbose=job.verbose, config_digest=hashlib.sha256(config_bytes).hexdigest()[:16], port=settings.port,
         notes=notes,
     )
+
+
+# CPU instructions with native matrix arithmetic in each half-precision dtype (what oneDNN uses for torch's
+# matmuls); without them torch converts to float32 and back around every product, slower than float32 itself
+NATIVE_CPU_FLAGS = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (Linux); empty where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def cpu_dtype(dtype: str, flags: set[str]) -> tuple[str, str | None]:
+    """The dtype CPU ranks serve in, and why it is not the one asked for: float32 where the CPU has no native
+    instructions for the half-precision dtype asked for (unknown flags: as asked)."""
+    needed = NATIVE_CPU_FLAGS.get(dtype)
+    if needed is None or not flags or flags & set(needed):
+        return dtype, None
+    names = " or ".join(flag.upper().replace("_", "-") for flag in needed)
+    return "float32", (f"--dtype {dtype}: this CPU has no native {dtype} matrix instructions ({names}); "
+                       "serving in float32, which is faster here")
 
 
 def load_config(model: ModelDir, trust_remote_code: bool) -> Any:
