@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +152,16 @@ class ServerProcess:
     def __exit__(self, *exc) -> None:
         self.stop()
         self.kill_leftovers()
+
+
+@contextmanager
+def serving(*args: str, env: dict[str, str] | None = None, cwd: str | Path | None = None):
+    """A ready server for a test module; stopped after it, failing if any process it started is left behind."""
+    process = ServerProcess(*args, env=env, cwd=cwd).start()
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+        leftovers = process.kill_leftovers()
+        assert not leftovers, f"processes left behind: {leftovers}"

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from server_process import ServerProcess
+from server_process import serving
 
 from serve_testing import hf_greedy, hf_tokenizer, metric, tokenize, used_buckets
 
@@ -34,16 +34,9 @@ def server_tmpdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory, server_tmpdir):
-    process = ServerProcess(tiny_llama, "--port", "0", "--api-key", KEY, "--max-model-len", "96",
-                            "--max-batch-size", "8", cwd=tmp_path_factory.mktemp("serve-tp1"),
-                            env={"TMPDIR": str(server_tmpdir)}).start()
-    try:
-        process.wait_ready()
+    with serving(tiny_llama, "--port", "0", "--api-key", KEY, "--max-model-len", "96", "--max-batch-size", "8",
+                 cwd=tmp_path_factory.mktemp("serve-tp1"), env={"TMPDIR": str(server_tmpdir)}) as process:
         yield process
-    finally:
-        process.stop()
-        leftovers = process.kill_leftovers()
-        assert not leftovers, f"processes left behind: {leftovers}"
 
 
 def complete(server, **body) -> dict:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from server_process import ServerProcess
+from server_process import serving
 
 from serve_testing import hf_greedy, hf_model, hf_tokenizer, metric, tokenize
 
@@ -27,14 +27,9 @@ PROMPTS = ["def main():\n    return", "import os\nimport", "class Foo(object):\n
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    process = ServerProcess(tiny_llama, "--port", "0", "--max-model-len", "96", "--max-batch-size", "8",
-                            "--max-request-bytes", str(LIMIT), cwd=tmp_path_factory.mktemp("serve-clients")).start()
-    try:
-        process.wait_ready()
+    with serving(tiny_llama, "--port", "0", "--max-model-len", "96", "--max-batch-size", "8",
+                 "--max-request-bytes", str(LIMIT), cwd=tmp_path_factory.mktemp("serve-clients")) as process:
         yield process
-    finally:
-        process.stop()
-        assert not process.kill_leftovers()
 
 
 def post(server, path: str = "/v1/completions", expect: int = 200, **body) -> dict:

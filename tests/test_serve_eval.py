@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_process import ServerProcess
+from server_process import serving
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -34,14 +34,9 @@ MAX_LENGTH = 64
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    process = ServerProcess(tiny_llama, "--port", "0", "--max-model-len", "128", "--max-batch-size", "8",
-                            cwd=tmp_path_factory.mktemp("serve-eval")).start()
-    try:
-        process.wait_ready()
+    with serving(tiny_llama, "--port", "0", "--max-model-len", "128", "--max-batch-size", "8",
+                 cwd=tmp_path_factory.mktemp("serve-eval")) as process:
         yield process
-    finally:
-        process.stop()
-        assert not process.kill_leftovers()
 
 
 def evaluate(model: str, model_args: str, batch_size: int) -> dict:

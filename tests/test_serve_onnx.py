@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from orion_cli.registry import register_model
-from server_process import ServerProcess
+from server_process import serving
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -46,14 +46,8 @@ def quantized_dir(tiny_llama, tmp_path_factory):
 def server(quantized_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("serve-onnx")
     register_model(quantized_dir, "tiny-q4", work / "models.json")
-    process = ServerProcess("tiny-q4", "--port", "0", cwd=work).start()
-    try:
-        process.wait_ready()
+    with serving("tiny-q4", "--port", "0", cwd=work) as process:
         yield process
-    finally:
-        process.stop()
-        leftovers = process.kill_leftovers()
-        assert not leftovers, f"processes left behind: {leftovers}"
 
 
 def ort_greedy(model_dir, prompt: str, max_new_tokens: int) -> list[int]:
