@@ -37,6 +37,7 @@ QuantLevel = Literal["q4", "q3", "q2"]
 QuantMethod = Literal["auto", "gptq", "rtn", "kquant", "hqq"]
 MergeMethod = Literal["linear", "slerp", "ties", "dare", "dare_linear"]
 Dtype = Literal["float32", "float16", "bfloat16"]
+ServeEngine = Literal["auto", "torch", "onnxruntime"]
 Backend = Literal["auto", "nccl", "gloo"]
 # Codecs of a pipeline-stage link: `auto` sends small tensors raw; `json` is for debugging only (5x the bytes).
 LinkCodec = Literal["raw", "zstd", "fp16", "bf16", "int8", "fp16+zstd", "bf16+zstd", "int8+zstd", "auto", "json"]
@@ -122,6 +123,8 @@ class ShardSettings(_Section):
 class ServeSettings(_Section):
     host: str = Setting("Address to bind.")
     port: int = Setting("HTTP port (0 picks a free one).", ge=0, le=65535)
+    engine: ServeEngine = Setting("torch (torchrun ranks, --tp/--pp) or onnxruntime (one process, ONNX models "
+                                  "only); auto: onnxruntime for an ONNX model served whole, else torch.")
     tp: int = Setting("Tensor-parallel ranks per pipeline stage.", ge=1)
     pp: int = Setting("Pipeline stages (typically one per node).", ge=1)
     pp_split: str | None = Setting("Layers per stage, e.g. 10,14 (null: even).", metavar="N,M,..")

@@ -98,11 +98,18 @@ def test_openai_client_streams_chat(server):
     assert "".join(c.choices[0].delta.content or "" for c in parts if c.choices) == whole.choices[0].message.content
 
 
-def test_tensor_parallelism_does_not_apply_to_onnx(orion, quantized_dir):
+def test_tensor_parallelism_does_not_apply_to_the_onnxruntime_engine(orion, quantized_dir):
+    result = orion("serve", quantized_dir, "--tp", "2", "--engine", "onnxruntime")
+    assert result.exit_code == 2
+    assert "--tp: the onnxruntime engine serves" in result.stderr
+    assert "use --engine torch" in result.stderr
+
+
+def test_the_torch_engine_refuses_onnx_models_orion_did_not_quantize(orion, quantized_dir):
+    """onnxruntime's own quantizer names weights after graph nodes: nothing says which checkpoint tensor each is."""
     result = orion("serve", quantized_dir, "--tp", "2")
     assert result.exit_code == 2
-    assert "--tp: do not apply to ONNX models" in result.stderr
-    assert "serves in one process" in result.stderr
+    assert "was not quantized by orion quantize" in result.stderr and "--engine onnxruntime" in result.stderr
 
 
 def test_echo_scores_the_prompt_with_the_onnx_models_logits(server, quantized_dir, tiny_llama):

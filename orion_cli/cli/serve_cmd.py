@@ -37,6 +37,10 @@ def serve(
 
       orion serve ./model --pp 2 --pp-split 10,14 --activation-codec int8+zstd
 
+      # orion quantize's output: onnxruntime in one process, or its 4-bit blocks split over torch ranks
+      orion serve ./model-q4
+      orion serve ./model-q4 --tp 2
+
       # two machines, one stage each (run the first on 10.0.0.1):
       orion serve ./model --pp 2 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 --host 0.0.0.0
       orion serve ./model --pp 2 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29500

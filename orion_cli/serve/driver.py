@@ -135,6 +135,7 @@ def run_driver(spec, runtime) -> int:
         metadata={"orion": {"engine": "torch", "architecture": spec.architecture, "tp": settings.tp,
                             "pp": settings.pp, "layers_per_stage": spec.layer_counts, "backend": spec.backend,
                             "dtype": settings.dtype, "activation_codec": settings.activation_codec,
+                            **({"quantization": spec.quantization} if spec.quantization else {}),
                             **({"registry": spec.registry_entry} if spec.registry_entry else {})}},
     )
     announce = control.send if control is not None else (lambda message: log.info("%s", message))

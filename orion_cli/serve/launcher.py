@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from ..config import CodecSettings, ServeSettings, override, shipped_config
 from .options import (NODE_RANK_ENV, SPEC_ENV, ServeError, ServeJob, ServeSummary, check_common, check_torch_options,
-                      resolve_model)
+                      choose_engine, resolve_model)
 
 log = logging.getLogger("orion_cli.serve")
 
@@ -39,7 +39,7 @@ def serve(model: str | Path, settings: ServeSettings | None = None, *, codec: Co
                    codec or defaults.codec, verbose)
     check_common(job.settings)
     model_dir, model_id, entry = resolve_model(job)
-    if model_dir.format == "onnx":
+    if choose_engine(job.settings, model_dir) == "onnxruntime":
         from .onnx_engine import serve_onnx
 
         return serve_onnx(job, model_dir, model_id, entry, on_event)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..onnx_decoder import OnnxDecoder
-from .options import ServeError, ServeJob, ServeSummary
+from .options import ServeError, ServeJob, ServeSummary, decoder_file
 from .protocol import StepPlan
 from .sampling import Sampler
 
@@ -104,20 +104,16 @@ def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None
                                                  ("--pp-split", settings.pp_split, None))
                if value != neutral]
     if ignored:
-        raise UsageError(f"{'/'.join(ignored)}: do not apply to ONNX models ({model.root}), which onnxruntime "
-                         "serves in one process; serve the safetensors model for tensor/pipeline parallelism")
+        raise UsageError(f"{'/'.join(ignored)}: the onnxruntime engine serves {model.root} in one process; "
+                         "use --engine torch (or auto) to serve it with tensor/pipeline parallelism")
     if settings.dtype != "float32":
         log.warning("--dtype %s: ignored for ONNX models, which run in the dtypes they were exported with",
                     settings.dtype)
     from transformers import AutoConfig, AutoTokenizer
 
-    names = [p.name for p in model.onnx_files]
-    file_name = "model.onnx" if "model.onnx" in names else (names[0] if len(names) == 1 else None)
-    if file_name is None:
-        raise ServeError(f"MODEL_DIR {model.root}: holds several ONNX graphs ({', '.join(names)}) and no "
-                         "model.onnx; which one is the decoder?")
+    graph = decoder_file(model)
     try:
-        decoder = OnnxDecoder(model.path / file_name)
+        decoder = OnnxDecoder(graph)
         tokenizer = AutoTokenizer.from_pretrained(model.path)
         config = AutoConfig.from_pretrained(model.path)
     except Exception as exc:  # noqa: BLE001 - onnxruntime and transformers raise many kinds

@@ -77,6 +77,8 @@ class WorkerSpec:
     config_digest: str
     port: int = 0  # the port the agent bound (the settings' may be 0)
     notes: list[str] = field(default_factory=list)
+    onnx_file: str | None = None  # an orion quantize output: its graph, whose initializers are the weights
+    quantization: dict[str, Any] | None = None  # its metadata.json "quantization" section
 
     @cached_property
     def serve(self) -> ServeSettings:
@@ -118,6 +120,39 @@ def resolve_model(job: ServeJob) -> tuple[ModelDir, str, dict[str, Any] | None]:
     return source.model, model_id, entry
 
 
+def choose_engine(settings: ServeSettings, model: ModelDir) -> str:
+    """torch or onnxruntime, for --engine and the model's format."""
+    if model.format != "onnx":
+        if settings.engine == "onnxruntime":
+            raise UsageError(f"--engine onnxruntime: MODEL_DIR {model.root} holds {model.format} weights; "
+                             "onnxruntime serves ONNX models (orion quantize's output)")
+        return "torch"
+    if settings.engine != "auto":
+        return settings.engine
+    whole = settings.tp == settings.pp == settings.nnodes == 1
+    return "onnxruntime" if whole else "torch"
+
+
+def decoder_file(model: ModelDir) -> Path:
+    """The decoder graph of an ONNX model directory: model.onnx, or its only graph."""
+    names = [p.name for p in model.onnx_files]
+    if "model.onnx" in names or len(names) == 1:
+        return model.path / ("model.onnx" if "model.onnx" in names else names[0])
+    raise ModelDirError(f"MODEL_DIR {model.root}: holds several ONNX graphs ({', '.join(names)}) and no "
+                        "model.onnx; which one is the decoder?")
+
+
+def check_torch_can_read(model: ModelDir, onnx_file: str) -> None:
+    """The torch engine reads an ONNX model's weights by checkpoint name, as orion quantize names them."""
+    from ..onnx_weights import OnnxWeights
+
+    with OnnxWeights(onnx_file) as weights:
+        if weights.foreign:
+            raise UsageError(f"--engine torch: MODEL_DIR {model.root} was not quantized by orion quantize (its "
+                             f"weight {weights.foreign[0]} is not named after a checkpoint tensor), so the torch "
+                             "engine cannot place its weights; serve it whole with --engine onnxruntime")
+
+
 def check_common(settings: ServeSettings) -> None:
     """What the settings' own types cannot say: how they fit together."""
     if settings.node_rank >= settings.nnodes:
@@ -140,7 +175,8 @@ def resolve_backend(requested: str, nproc_per_node: int) -> str:
 
 
 def check_torch_options(job: ServeJob, model: ModelDir, model_id: str, entry: dict[str, Any] | None) -> WorkerSpec:
-    """Everything about a safetensors/.bin model that can be checked without starting a worker."""
+    """Everything about a model the torch engine serves (safetensors, .bin, or an orion quantize output) that
+    can be checked without starting a worker."""
     from transformers import AutoTokenizer
 
     from .plans import Shape, check_parallel, model_plan, split_layers
@@ -176,12 +212,17 @@ def check_torch_options(job: ServeJob, model: ModelDir, model_id: str, entry: di
                      f"using {shape.max_positions}")
         max_model_len = shape.max_positions
     config_bytes = (model.path / "config.json").read_bytes()
+    onnx_file = quantization = None
+    if model.format == "onnx":
+        onnx_file = str(decoder_file(model).resolve())
+        quantization = (model.metadata or {}).get("quantization")
+        check_torch_can_read(model, onnx_file)
     return WorkerSpec(
         model_dir=str(model.path.resolve()), model_id=model_id, registry_entry=entry,
         architecture=model.architecture or hf_config.model_type, layer_counts=[len(r) for r in layers],
         backend=backend, settings=settings.model_dump(), codec=job.codec.model_dump(), max_model_len=max_model_len,
         verbose=job.verbose, config_digest=hashlib.sha256(config_bytes).hexdigest()[:16], port=settings.port,
-        notes=notes,
+        notes=notes, onnx_file=onnx_file, quantization=quantization,
     )
 
 

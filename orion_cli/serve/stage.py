@@ -32,8 +32,10 @@ import torch
 from torch import nn
 
 from ..errors import ModelDirError
+from ..onnx_weights import HEAD_WEIGHT
 from .attention import ATTENTION, CURRENT, Context, SlotCache, Step
 from .plans import STYLES, Shape, check_split_features, model_plan
+from .quantized import BlockEmbedding
 from .tp import (TPGroup, VocabParallelEmbedding, VocabParallelLMHead, WeightLoader,
                  parallel_linear, vocab_share)
 
@@ -90,7 +92,7 @@ class StageModel(nn.Module):
         self.shape = Shape.of(hf_config)
         text = hf_config.get_text_config()
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary frequencies) real
-            model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=ATTENTION, torch_dtype=load.dtype)
+            model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=ATTENTION, dtype=load.dtype)
         self.model = model.eval()
         # the base model: the child holding the input embeddings (its attribute name prefixes the checkpoint's keys)
         self.prefix = next(name for name, child in model.named_children()
@@ -115,12 +117,17 @@ class StageModel(nn.Module):
         if first:
             old = model.get_input_embeddings()
             scale = getattr(old, "embed_scale", None)
-            embedding = VocabParallelEmbedding(load.rows(embedding_name, v0, v1), v0, tp,
-                                               float(scale) if scale is not None else None)
+            blocks = load.blocks(embedding_name)
+            rows = BlockEmbedding(blocks.rows(v0, v1), load.dtype) if blocks else load.rows(embedding_name, v0, v1)
+            embedding = VocabParallelEmbedding(rows, v0, tp, float(scale) if scale is not None else None)
             model.set_input_embeddings(embedding)
         if last:
             tied = bool(getattr(text, "tie_word_embeddings", False))
-            if tied and embedding is not None:
+            # a quantized model stores its head quantized, tied or not (orion quantize names it by its role)
+            head_blocks = load.blocks(f"{head_attr}.weight") or load.blocks(HEAD_WEIGHT)
+            if head_blocks:
+                weight = load.matmul(head_blocks.rows(v0, v1))
+            elif tied and embedding is not None and embedding.weight is not None:
                 weight = embedding.weight
             else:
                 weight = load.rows(embedding_name if tied else f"{head_attr}.weight", v0, v1)
@@ -162,13 +169,19 @@ class StageModel(nn.Module):
         for qualname, module in list(self.base.named_modules()):
             if not qualname or not on_this_stage(qualname):
                 continue
+            if not _is_linear(module):
+                continue
             style = self.plan.style_of(qualname) if self.tp.size > 1 else None
-            if style in STYLES and style != "replicate" and _is_linear(module):
+            if style in STYLES and style != "replicate":
                 in_features, out_features = _features(module)
                 check_split_features(qualname, style, out_features, in_features, self.tp.size, self.shape)
-                parent, _, child = qualname.rpartition(".")
-                replacement = parallel_linear(module, f"{self.prefix}.{qualname}", style, self.tp, load, self.shape)
-                setattr(self.base.get_submodule(parent) if parent else self.base, child, replacement)
+            elif load.is_quantized(f"{self.prefix}.{qualname}.weight"):
+                style = "replicate"  # whole on every rank, and multiplied by the quantized kernel
+            else:
+                continue
+            parent, _, child = qualname.rpartition(".")
+            replacement = parallel_linear(module, f"{self.prefix}.{qualname}", style, self.tp, load, self.shape)
+            setattr(self.base.get_submodule(parent) if parent else self.base, child, replacement)
         for qualname, module in self.base.named_modules():
             if not on_this_stage(qualname):
                 continue
@@ -201,7 +214,9 @@ class StageModel(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Parameters, and the quantized weights' buffers (rotary tables among them: a few KiB)."""
+        tensors = [*self.parameters(), *self.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def step(self, step: Step, tokens: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
              every_position: bool = False) -> torch.Tensor:

@@ -7,6 +7,9 @@ output, or take a row-parallel input replicated. The vocabulary is split by
 rows: the embedding sums masked lookups, the LM head gathers its logits.
 Weights are read slice by slice from the checkpoint's memory map, never whole;
 Conv1D weights (GPT-2, stored [in, out]) are sliced along the matching axis.
+A block-quantized weight (an `orion quantize` output, read through
+onnx_weights.OnnxWeights) is sliced the same way, by output rows or whole
+input blocks, and multiplied by quantized.BlockMatmul.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointReader
+from ..onnx_weights import BlockWeight, OnnxWeights
 from .plans import Shape
+from .quantized import BlockEmbedding, BlockMatmul
 
 
 @dataclass
@@ -52,7 +57,7 @@ class TPGroup:
 class WeightLoader:
     """Reads whole tensors, or one rank's rows or columns of them, cast and placed."""
 
-    def __init__(self, reader: CheckpointReader, dtype: torch.dtype, device: torch.device):
+    def __init__(self, reader: CheckpointReader | OnnxWeights, dtype: torch.dtype, device: torch.device):
         self.reader = reader
         self.dtype = dtype
         self.device = device
@@ -72,6 +77,16 @@ class WeightLoader:
     def columns(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.place(self.reader.get_slice(name)[:, start:stop])
 
+    def is_quantized(self, name: str) -> bool:
+        return isinstance(self.reader, OnnxWeights) and self.reader.is_quantized(name)
+
+    def blocks(self, name: str) -> BlockWeight | None:
+        """The block-quantized weight `name`, or None where it is stored as a float tensor."""
+        return self.reader.blocks(name) if self.is_quantized(name) else None
+
+    def matmul(self, blocks: BlockWeight) -> BlockMatmul:
+        return BlockMatmul(blocks, self.dtype)
+
     def features(self, name: str, start: int, stop: int, out: bool, conv1d: bool) -> torch.Tensor:
         """Output (out=True) or input features [start, stop) of a linear weight, as an [out, in] tensor."""
         if conv1d:  # stored [in, out]
@@ -81,22 +96,33 @@ class WeightLoader:
 
 
 class ParallelLinear(nn.Module):
-    """One rank's share of a linear layer (nn.Linear or Conv1D) under a plan style."""
+    """One rank's share of a linear layer (nn.Linear or Conv1D) under a plan style ("replicate": all of it).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, style: str, tp: TPGroup,
+    The share is a float weight [out, in], or a BlockMatmul of quantized blocks.
+    """
+
+    def __init__(self, weight: torch.Tensor | BlockMatmul, bias: torch.Tensor | None, style: str, tp: TPGroup,
                  input_share: tuple[int, int] | None = None):
         super().__init__()
         self.style = style
         self.tp = tp
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        keep_bias = bias is not None and (style.startswith("colwise") or tp.rank == 0)
+        if isinstance(weight, BlockMatmul):
+            self.weight, self.matmul = None, weight
+        else:
+            self.weight, self.matmul = nn.Parameter(weight, requires_grad=False), None
+        keep_bias = bias is not None and (not style.startswith("rowwise") or tp.rank == 0)
         self.bias = nn.Parameter(bias, requires_grad=False) if keep_bias else None  # a summed bias: rank 0 only
         self.input_share = input_share  # rowwise_rep: the input features this rank takes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_share is not None:
             x = x[..., self.input_share[0]:self.input_share[1]]
-        out = F.linear(x, self.weight, self.bias)
+        if self.matmul is None:
+            out = F.linear(x, self.weight, self.bias)
+        else:
+            out = self.matmul(x)
+            if self.bias is not None:
+                out = out + self.bias
         if self.style == "colwise_rep":
             return self.tp.all_gather_last(out)
         if self.style.startswith("rowwise"):
@@ -111,13 +137,23 @@ def parallel_linear(module: nn.Module, name: str, style: str, tp: TPGroup, load:
     in_features, out_features = (module.weight.shape if conv1d else module.weight.shape[::-1])
     weight_name, bias_name = f"{name}.weight", f"{name}.bias"
     has_bias = getattr(module, "bias", None) is not None
+    blocks = load.blocks(weight_name)
+    if style == "replicate":
+        weight = load.matmul(blocks) if blocks else load.features(weight_name, 0, out_features, True, conv1d)
+        return ParallelLinear(weight, load.full(bias_name) if has_bias else None, style, tp)
     if style.startswith("colwise"):
         start, stop = _output_share(out_features, style, tp, shape)
-        weight = load.features(weight_name, start, stop, out=True, conv1d=conv1d)
+        if blocks:
+            weight = load.matmul(blocks.rows(start, stop))
+        else:
+            weight = load.features(weight_name, start, stop, out=True, conv1d=conv1d)
         bias = load.rows(bias_name, start, stop) if has_bias else None
         return ParallelLinear(weight, bias, style, tp)
     start, stop = tp.share(in_features)
-    weight = load.features(weight_name, start, stop, out=False, conv1d=conv1d)
+    if blocks:
+        weight = load.matmul(blocks.columns(start, stop, weight_name))
+    else:
+        weight = load.features(weight_name, start, stop, out=False, conv1d=conv1d)
     bias = load.full(bias_name) if has_bias else None
     return ParallelLinear(weight, bias, style, tp, (start, stop) if style == "rowwise_rep" else None)
 
@@ -135,43 +171,59 @@ class VocabParallelEmbedding(nn.Module):
     """Rows [start, stop) of the vocabulary; other ids look up zeros and the group sums.
 
     `embed_scale` is kept from an embedding that scales its own output (Gemma 3).
+    The rows are a float weight, or a BlockEmbedding of quantized blocks.
     """
 
-    def __init__(self, weight: torch.Tensor, start: int, tp: TPGroup, embed_scale: float | None = None):
+    def __init__(self, weight: torch.Tensor | BlockEmbedding, start: int, tp: TPGroup,
+                 embed_scale: float | None = None):
         super().__init__()
         self.tp = tp
         self.start = start
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        if isinstance(weight, BlockEmbedding):
+            self.weight, self.table, self.rows = None, weight, weight.num_embeddings
+        else:
+            self.weight, self.table, self.rows = nn.Parameter(weight, requires_grad=False), None, weight.shape[0]
         self.embed_scale = embed_scale
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight) if self.table is None else self.table(ids)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            out = F.embedding(ids, self.weight)
+            out = self._lookup(ids)
         else:
             local = ids - self.start
-            inside = (local >= 0) & (local < self.weight.shape[0])
-            out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+            inside = (local >= 0) & (local < self.rows)
+            out = self._lookup(local.clamp(0, self.rows - 1))
             out = self.tp.all_reduce(out * inside.unsqueeze(-1).to(out.dtype))
         if self.embed_scale is not None:
-            out = out * torch.tensor(self.embed_scale, dtype=self.weight.dtype)
+            out = out * torch.tensor(self.embed_scale, dtype=out.dtype)
         return out
 
 
 class VocabParallelLMHead(nn.Module):
     """Logits for vocabulary rows [start, stop); the group gathers the full row of logits."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, vocab_size: int, rows_per_rank: int,
-                 tp: TPGroup):
+    def __init__(self, weight: torch.Tensor | BlockMatmul, bias: torch.Tensor | None, vocab_size: int,
+                 rows_per_rank: int, tp: TPGroup):
         super().__init__()
         self.tp = tp
         self.vocab_size = vocab_size
         self.rows_per_rank = rows_per_rank
-        # a Parameter is the embedding's own (tied weights): shared, not copied
-        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        if isinstance(weight, BlockMatmul):
+            self.weight, self.matmul = None, weight
+        else:  # a Parameter is the embedding's own (tied weights): shared, not copied
+            self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+            self.matmul = None
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight, self.bias)
+        if self.matmul is None:
+            logits = F.linear(hidden, self.weight, self.bias)
+        else:
+            logits = self.matmul(hidden)
+            if self.bias is not None:
+                logits = logits + self.bias
         if self.tp.size == 1:
             return logits
         missing = self.rows_per_rank - logits.shape[-1]

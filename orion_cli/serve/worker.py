@@ -98,6 +98,7 @@ class RankRuntime:
         from transformers import AutoConfig
 
         from ..checkpoint import CheckpointReader
+        from ..onnx_weights import OnnxWeights
         from .plans import Shape, recompute_position, split_layers
         from .sampling import Sampler
         from .stage import StageModel
@@ -111,7 +112,8 @@ class RankRuntime:
         self.shape = Shape.of(hf_config)
         self.recompute_at = recompute_position(hf_config)
         layer_range = split_layers(self.shape.num_layers, spec.serve.pp, spec.layer_counts)[topology.stage]
-        with CheckpointReader(spec.model_dir, flag="MODEL_DIR") as reader:
+        reader = OnnxWeights(spec.onnx_file) if spec.onnx_file else CheckpointReader(spec.model_dir, flag="MODEL_DIR")
+        with reader:
             self.stage = StageModel(hf_config, layer_range, topology.first, topology.last, topology.tp,
                                     WeightLoader(reader, self.dtype, device), spec.serve.max_batch_size,
                                     spec.max_model_len)
