@@ -16,6 +16,7 @@ aggregate with N clients over the single-stream tokens/s (median of --repeats re
 
     python benchmarks/bench_serve.py                       # full run, a markdown table and a JSON file
     python benchmarks/bench_serve.py --quick               # fewer tokens and requests, for a smoke run
+    python benchmarks/bench_serve.py --peer llama.cpp      # against llama-server instead (serve_peer.py)
 """
 
 from __future__ import annotations
@@ -450,7 +451,7 @@ def report(results: dict, args) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "orion-bench-serve")
-    parser.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
+    parser.add_argument("--tokens", type=int, help="tokens generated per request (128; 48 with --peer)")
     parser.add_argument("--repeats", type=int, default=3, help="single-stream requests (median)")
     parser.add_argument("--concurrency", default="1,4,8", help="concurrent clients, comma-separated")
     parser.add_argument("--per-client", type=int, default=2, help="requests each concurrent client sends")
@@ -461,11 +462,22 @@ def main() -> int:
                         help="BLAS threads per process / rank (OMP_NUM_THREADS); on a shared machine 1 avoids "
                              "OpenMP barrier stalls when a core is busy elsewhere")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--peer", choices=["llama.cpp"],
+                        help="instead: orion against llama-server on the same weights (benchmarks/serve_peer.py)")
+    parser.add_argument("--model", default="88m", help="--peer: 88m (built here), tinyllama, or a model directory")
+    parser.add_argument("--rounds", type=int, default=2, help="--peer: interleaved rounds")
+    parser.add_argument("--systems", help="--peer: which systems, comma-separated (default: all)")
     parser.add_argument("--child-generate", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_generate:
         child_generate(args.child_generate)
         return 0
+    if args.peer:
+        import serve_peer
+
+        args.tokens = args.tokens or 48
+        return serve_peer.main(args)
+    args.tokens = args.tokens or 128
     if args.quick:
         args.tokens, args.repeats, args.per_client = 32, 1, 1
     args.concurrency = sorted({1, *(int(c) for c in args.concurrency.split(","))})

@@ -52,9 +52,34 @@ class OnnxDecoder:
             with_presents: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
         """(logits [B, T, vocab], presents) for one step; masks and positions default to all-ones and 0..T-1
         after the past."""
+        past = past if past is not None else self.empty_past(input_ids.shape[0])
+        feed = self._feed(input_ids, attention_mask, position_ids, past[0].shape[2] if past else 0, extra)
+        feed.update(zip(self.past_names, past))
+        names = ["logits"] + (self.present_names if with_presents else [])
+        outputs = self.session.run(names, feed)
+        return outputs[0], outputs[1:]
+
+    def run_bound(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                  past: list) -> tuple[np.ndarray, list]:
+        """One step through IO binding: `past` may be the OrtValues a previous run_bound returned, fed back
+        without a copy; returns (logits as numpy, presents as OrtValues in onnxruntime's memory)."""
+        binding = self.session.io_binding()
+        for name, value in self._feed(input_ids, attention_mask, position_ids, 0, None).items():
+            binding.bind_cpu_input(name, value)
+        for name, value in zip(self.past_names, past):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in ["logits", *self.present_names]:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), list(outputs[1:])
+
+    def _feed(self, input_ids: np.ndarray, attention_mask: np.ndarray | None, position_ids: np.ndarray | None,
+              cached: int, extra: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
         batch, length = input_ids.shape
-        past = past if past is not None else self.empty_past(batch)
-        cached = past[0].shape[2] if past else 0
         feed = {"input_ids": input_ids}
         if "attention_mask" in self.input_names:
             feed["attention_mask"] = attention_mask if attention_mask is not None else \
@@ -63,13 +88,11 @@ class OnnxDecoder:
             feed["position_ids"] = position_ids if position_ids is not None else \
                 np.broadcast_to(np.arange(cached, cached + length, dtype=np.int64), (batch, length)).copy()
         if "use_cache_branch" in self.input_names:
-            feed["use_cache_branch"] = np.array([cached > 0])
-        feed.update(zip(self.past_names, past))
+            feed["use_cache_branch"] = np.array([cached > 0 or attention_mask is not None and
+                                                 attention_mask.shape[1] > length])
         if extra:
             feed.update(extra)
-        names = ["logits"] + (self.present_names if with_presents else [])
-        outputs = self.session.run(names, feed)
-        return outputs[0], outputs[1:]
+        return feed
 
     def logits(self, input_ids: np.ndarray, extra: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """Logits of every position of [B, T] windows, with no past."""

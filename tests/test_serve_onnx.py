@@ -62,13 +62,16 @@ def ort_greedy(model_dir, prompt: str, max_new_tokens: int) -> list[int]:
 
 
 def test_concurrent_greedy_output_equals_onnxruntime_generate(server, quantized_dir):
+    """Requests of different lengths: the batch kept between steps is split and re-formed as each one ends."""
     assert server.ready["engine"] == "onnxruntime"
-    expected = [ort_greedy(quantized_dir / "quantized", p, 12) for p in PROMPTS]
+    lengths = [5, 16, 9, 12]
+    expected = [ort_greedy(quantized_dir / "quantized", p, n) for p, n in zip(PROMPTS, lengths)]
     results: dict[int, list[int]] = {}
 
     def client(i: int) -> None:
         response = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
-            "model": "tiny-q4", "prompt": PROMPTS[i], "max_tokens": 12, "temperature": 0, "return_token_ids": True})
+            "model": "tiny-q4", "prompt": PROMPTS[i], "max_tokens": lengths[i], "temperature": 0,
+            "return_token_ids": True})
         results[i] = response.json()["choices"][0]["token_ids"]
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]

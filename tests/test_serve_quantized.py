@@ -116,7 +116,7 @@ def test_torch_engine_logits_match_onnxruntime_on_the_same_quantized_file(arch, 
 
 def test_quantized_weights_are_what_a_rank_holds(quantized):
     """Every matmul runs on the int4 kernel or is dequantized; the rank holds about the file's bytes, not float32's."""
-    from orion_cli.serve.quantized import BlockMatmul
+    from orion_cli.serve.kernels import BlockMatmul
 
     model_dir = quantized[("llama", "q4")]
     stage = torch_stage(model_dir)

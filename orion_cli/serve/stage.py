@@ -35,7 +35,7 @@ from ..errors import ModelDirError
 from ..onnx_weights import HEAD_WEIGHT
 from .attention import ATTENTION, CURRENT, Context, SlotCache, Step
 from .plans import STYLES, Shape, check_split_features, model_plan
-from .quantized import BlockEmbedding
+from .kernels import BlockEmbedding
 from .tp import (TPGroup, VocabParallelEmbedding, VocabParallelLMHead, WeightLoader,
                  parallel_linear, vocab_share)
 
@@ -130,7 +130,7 @@ class StageModel(nn.Module):
             elif tied and embedding is not None and embedding.weight is not None:
                 weight = embedding.weight
             else:
-                weight = load.rows(embedding_name if tied else f"{head_attr}.weight", v0, v1)
+                weight = load.matmul(load.rows(embedding_name if tied else f"{head_attr}.weight", v0, v1))
             bias = load.rows(f"{head_attr}.bias", v0, v1) if load.has(f"{head_attr}.bias") else None
             setattr(model, head_attr, VocabParallelLMHead(weight, bias, self.shape.vocab_size, per_rank, tp))
 
@@ -158,7 +158,8 @@ class StageModel(nn.Module):
         return lists[0], names[:index], names[index + 1:]
 
     def _shard_and_load(self, layers_name: str, layer_range: range, load: WeightLoader) -> None:
-        """Planned linears of this stage become this rank's shares; every other weight is read whole."""
+        """Linears of this stage become ParallelLinears: this rank's share where the plan splits them, whole
+        elsewhere, each on its kernel; every other weight is read whole."""
         kept_layers = {f"{layers_name}.{i}" for i in layer_range}
 
         def on_this_stage(qualname: str) -> bool:
@@ -175,10 +176,8 @@ class StageModel(nn.Module):
             if style in STYLES and style != "replicate":
                 in_features, out_features = _features(module)
                 check_split_features(qualname, style, out_features, in_features, self.tp.size, self.shape)
-            elif load.is_quantized(f"{self.prefix}.{qualname}.weight"):
-                style = "replicate"  # whole on every rank, and multiplied by the quantized kernel
             else:
-                continue
+                style = "replicate"  # whole on every rank, multiplied by the rank's kernel (kernels.py)
             parent, _, child = qualname.rpartition(".")
             replacement = parallel_linear(module, f"{self.prefix}.{qualname}", style, self.tp, load, self.shape)
             setattr(self.base.get_submodule(parent) if parent else self.base, child, replacement)

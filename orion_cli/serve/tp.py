@@ -24,7 +24,7 @@ from torch import nn
 from ..checkpoint import CheckpointReader
 from ..onnx_weights import BlockWeight, OnnxWeights
 from .plans import Shape
-from .quantized import BlockEmbedding, BlockMatmul
+from .kernels import BlockEmbedding, BlockMatmul, DenseMatmul, dense_kernel_takes
 
 
 @dataclass
@@ -84,8 +84,12 @@ class WeightLoader:
         """The block-quantized weight `name`, or None where it is stored as a float tensor."""
         return self.reader.blocks(name) if self.is_quantized(name) else None
 
-    def matmul(self, blocks: BlockWeight) -> BlockMatmul:
-        return BlockMatmul(blocks, self.dtype)
+    def matmul(self, weight: BlockWeight | torch.Tensor) -> BlockMatmul | DenseMatmul | torch.Tensor:
+        """What multiplies by `weight` ([out, in] when a tensor): a kernel module, or the tensor itself where
+        no kernel takes it (F.linear then)."""
+        if isinstance(weight, BlockWeight):
+            return BlockMatmul(weight, self.dtype)
+        return DenseMatmul(weight) if dense_kernel_takes(weight) else weight
 
     def features(self, name: str, start: int, stop: int, out: bool, conv1d: bool) -> torch.Tensor:
         """Output (out=True) or input features [start, stop) of a linear weight, as an [out, in] tensor."""
@@ -98,15 +102,15 @@ class WeightLoader:
 class ParallelLinear(nn.Module):
     """One rank's share of a linear layer (nn.Linear or Conv1D) under a plan style ("replicate": all of it).
 
-    The share is a float weight [out, in], or a BlockMatmul of quantized blocks.
+    The share is a float weight [out, in] (F.linear), or a kernel module (kernels.py) holding it.
     """
 
-    def __init__(self, weight: torch.Tensor | BlockMatmul, bias: torch.Tensor | None, style: str, tp: TPGroup,
+    def __init__(self, weight: torch.Tensor | nn.Module, bias: torch.Tensor | None, style: str, tp: TPGroup,
                  input_share: tuple[int, int] | None = None):
         super().__init__()
         self.style = style
         self.tp = tp
-        if isinstance(weight, BlockMatmul):
+        if isinstance(weight, nn.Module):
             self.weight, self.matmul = None, weight
         else:
             self.weight, self.matmul = nn.Parameter(weight, requires_grad=False), None
@@ -120,9 +124,7 @@ class ParallelLinear(nn.Module):
         if self.matmul is None:
             out = F.linear(x, self.weight, self.bias)
         else:
-            out = self.matmul(x)
-            if self.bias is not None:
-                out = out + self.bias
+            out = self.matmul(x, self.bias)
         if self.style == "colwise_rep":
             return self.tp.all_gather_last(out)
         if self.style.startswith("rowwise"):
@@ -139,21 +141,21 @@ def parallel_linear(module: nn.Module, name: str, style: str, tp: TPGroup, load:
     has_bias = getattr(module, "bias", None) is not None
     blocks = load.blocks(weight_name)
     if style == "replicate":
-        weight = load.matmul(blocks) if blocks else load.features(weight_name, 0, out_features, True, conv1d)
-        return ParallelLinear(weight, load.full(bias_name) if has_bias else None, style, tp)
+        weight = blocks or load.features(weight_name, 0, out_features, True, conv1d)
+        return ParallelLinear(load.matmul(weight), load.full(bias_name) if has_bias else None, style, tp)
     if style.startswith("colwise"):
         start, stop = _output_share(out_features, style, tp, shape)
         if blocks:
             weight = load.matmul(blocks.rows(start, stop))
         else:
-            weight = load.features(weight_name, start, stop, out=True, conv1d=conv1d)
+            weight = load.matmul(load.features(weight_name, start, stop, out=True, conv1d=conv1d))
         bias = load.rows(bias_name, start, stop) if has_bias else None
         return ParallelLinear(weight, bias, style, tp)
     start, stop = tp.share(in_features)
     if blocks:
         weight = load.matmul(blocks.columns(start, stop, weight_name))
     else:
-        weight = load.features(weight_name, start, stop, out=False, conv1d=conv1d)
+        weight = load.matmul(load.features(weight_name, start, stop, out=False, conv1d=conv1d))
     bias = load.full(bias_name) if has_bias else None
     return ParallelLinear(weight, bias, style, tp, (start, stop) if style == "rowwise_rep" else None)
 
@@ -204,13 +206,13 @@ class VocabParallelEmbedding(nn.Module):
 class VocabParallelLMHead(nn.Module):
     """Logits for vocabulary rows [start, stop); the group gathers the full row of logits."""
 
-    def __init__(self, weight: torch.Tensor | BlockMatmul, bias: torch.Tensor | None, vocab_size: int,
+    def __init__(self, weight: torch.Tensor | nn.Module, bias: torch.Tensor | None, vocab_size: int,
                  rows_per_rank: int, tp: TPGroup):
         super().__init__()
         self.tp = tp
         self.vocab_size = vocab_size
         self.rows_per_rank = rows_per_rank
-        if isinstance(weight, BlockMatmul):
+        if isinstance(weight, nn.Module):
             self.weight, self.matmul = None, weight
         else:  # a Parameter is the embedding's own (tied weights): shared, not copied
             self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
@@ -221,9 +223,7 @@ class VocabParallelLMHead(nn.Module):
         if self.matmul is None:
             logits = F.linear(hidden, self.weight, self.bias)
         else:
-            logits = self.matmul(hidden)
-            if self.bias is not None:
-                logits = logits + self.bias
+            logits = self.matmul(hidden, self.bias)
         if self.tp.size == 1:
             return logits
         missing = self.rows_per_rank - logits.shape[-1]
