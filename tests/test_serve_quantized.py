@@ -72,7 +72,7 @@ def exact_onnxruntime(model_dir: Path, scratch: Path) -> OnnxDecoder:
     return OnnxDecoder(scratch / "model.onnx")
 
 
-def torch_stage(model_dir: Path, tp=None, layers=None):
+def torch_stage(model_dir: Path, tp=None, layers=None, first=True, last=True):
     from transformers import AutoConfig
 
     from orion_cli.onnx_weights import OnnxWeights
@@ -83,7 +83,7 @@ def torch_stage(model_dir: Path, tp=None, layers=None):
     config = AutoConfig.from_pretrained(model_dir)
     layer_range = layers or range(Shape.of(config).num_layers)
     with OnnxWeights(model_dir / "model.onnx") as weights:
-        return StageModel(config, layer_range, True, True, tp or TPGroup(),
+        return StageModel(config, layer_range, first, last, tp or TPGroup(),
                           WeightLoader(weights, torch.float32, torch.device("cpu")), 2, 64)
 
 
@@ -140,12 +140,24 @@ def test_a_cut_through_a_quantization_block_is_refused_by_name(quantized):
             blocks.columns(16, 64, "model.layers.0.mlp.down_proj.weight")
 
 
+def test_a_pipeline_stage_holds_only_its_layers_blocks(quantized):
+    """pp: a stage reads the blocks of its own layers (and the embedding or head at its end), nothing else."""
+    from orion_cli.serve.kernels import BlockMatmul
+
+    model_dir = quantized[("llama", "q4")]
+    whole = torch_stage(model_dir)
+    first = torch_stage(model_dir, layers=range(0, 1), first=True, last=False)
+    last = torch_stage(model_dir, layers=range(1, 2), first=False, last=True)
+    assert first.weight_bytes + last.weight_bytes == pytest.approx(whole.weight_bytes, rel=0.01)
+    assert all(len([m for m in s.modules() if isinstance(m, BlockMatmul)]) for s in (first, last))
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("parallel", [("--tp", "2"), ("--pp", "2")], ids=["tp2", "pp2"])
-def test_a_quantized_model_served_by_torch_ranks(parallel, quantized, tmp_path):
-    """tp=2 splits the 4-bit blocks by rows and by whole input blocks, pp=2 by layers: each rank holds its half
-    (the issue's target: at most 0.5x of tp=1's bytes, plus what every rank keeps whole), and greedy tokens
-    equal onnxruntime's on the same file."""
+def test_a_quantized_model_served_by_two_tensor_parallel_ranks(quantized, tmp_path):
+    """tp=2 splits the 4-bit blocks by rows and by whole input blocks: each rank holds its half (the issue's
+    target: at most 0.5x of tp=1's bytes, plus what every rank keeps whole), and the greedy tokens are
+    onnxruntime's on the same file."""
+    parallel = ("--tp", "2")
     import httpx
 
     from server_process import ServerProcess
