@@ -45,8 +45,9 @@ MESSAGES = [{"role": "user", "content": "Write a Python function that parses a C
 # -- the model ------------------------------------------------------------------------------
 
 
-def build_model(path: Path) -> Path:
-    """Llama shapes at ~110M parameters: hidden 768, 12 layers, 12 heads, MLP 2048, vocabulary 16384."""
+def build_model(path: Path, vocab_size: int = 16384) -> Path:
+    """Llama shapes at ~110M parameters: hidden 768, 12 layers, 12 heads, MLP 2048, vocabulary 16384 (88M with
+    vocabulary 2048, the model of serve_peer.py)."""
     if (path / "config.json").is_file():
         return path
     import torch
@@ -55,11 +56,12 @@ def build_model(path: Path) -> Path:
     from orion_cli.reference.corpus import corpus_text
     from orion_cli.reference.tokenizer import EOS, PAD, train_tokenizer
 
-    tokenizer = train_tokenizer(corpus_text("train", 2_000_000), 16384)
+    tokenizer = train_tokenizer(corpus_text("train", 2_000_000), vocab_size)
     eos, pad = tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(PAD)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                          num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048,
-                         bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False)
+                         bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False,
+                         architectures=["LlamaForCausalLM"])  # llama.cpp's converter reads it
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)

@@ -45,26 +45,9 @@ PEERS = {"llama.cpp F32": "orion fp32", "llama.cpp Q4_0": "orion q4"}
 
 
 def build_88m(path: Path) -> Path:
-    if (path / "config.json").is_file():
-        return path
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+    from bench_serve import build_model
 
-    from orion_cli.reference.corpus import corpus_text
-    from orion_cli.reference.tokenizer import EOS, PAD, train_tokenizer
-
-    tokenizer = train_tokenizer(corpus_text("train", 2_000_000), 2048)
-    eos, pad = tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(PAD)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048,
-                         bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False,
-                         architectures=["LlamaForCausalLM"])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return build_model(path, vocab_size=2048)
 
 
 def artifacts(model: Path, workdir: Path) -> dict[str, Path]:

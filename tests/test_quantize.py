@@ -12,7 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from orion_cli.quantize.blockwise import BlockQuantized, pack, quantize_weight, unpack
+from orion_cli.onnx_weights import unpack_codes as unpack
+from orion_cli.quantize.blockwise import BlockQuantized, pack, quantize_weight
 from orion_cli.quantize.gptq import quantize_gptq
 from orion_cli.quantize.graph import WeightSite
 from orion_cli.quantize.levels import allocate_bits, average_bits

@@ -9,8 +9,9 @@ which quantizes activations to int8 per block; torch's kernel multiplies
 bfloat16 activations. Both approximate the same dequantized weights, so the
 reference is onnxruntime on the same file with accuracy_level 0 (float32
 activations, the weights' exact values): next-token KL <= 1e-3 at every
-prompt position, and the same greedy token. The shipped graph's own distance
-from that reference is printed for the record, not asserted.
+prompt position, and the same greedy token. The KL to the shipped graph is
+held to 1e-3 as well; the shipped graph's own distance from the reference is
+printed for the record.
 
 A new case is one line in CASES.
 """
@@ -107,10 +108,11 @@ def test_torch_engine_logits_match_onnxruntime_on_the_same_quantized_file(arch, 
     exact, _ = exact_onnxruntime(model_dir, tmp_path / "exact").run(np.array([PROMPT]), None, None, None)
     shipped, _ = OnnxDecoder(model_dir / "model.onnx").run(np.array([PROMPT]), None, None, None)
     exact, shipped = torch.from_numpy(exact[0]), torch.from_numpy(shipped[0])
-    divergence = kl(exact, ours)
-    print(f"{arch} {level}: KL to onnxruntime (float32 activations) max {divergence.max():.2e}; "
-          f"onnxruntime's shipped graph (int8 activations) max {kl(exact, shipped).max():.2e}")
+    divergence, to_shipped = kl(exact, ours), kl(shipped, ours)
+    print(f"{arch} {level}: KL to onnxruntime (float32 activations) max {divergence.max():.2e}, to the shipped "
+          f"graph {to_shipped.max():.2e}; the shipped graph to float32 activations {kl(exact, shipped).max():.2e}")
     assert divergence.max() <= MAX_KL
+    assert to_shipped.max() <= MAX_KL  # the issue's bound, against the graph users run
     assert torch.equal(ours.argmax(-1), exact.argmax(-1))
 
 

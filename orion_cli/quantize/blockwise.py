@@ -25,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..onnx_weights import unpack_codes
+
 SUPPORTED_BITS = (2, 4, 8)
 METHODS = ("rtn", "kquant", "hqq")
 HQQ_BITS = (2, 4)  # MatMulNBits runs float zero points only on its unpacked 2/4-bit path
@@ -57,7 +59,7 @@ class BlockQuantized:
 
     def codes(self) -> np.ndarray:
         """The integer codes, [N, k_blocks * block_size] (padding included)."""
-        return unpack(self.packed.reshape(self.n, -1), self.bits)
+        return unpack_codes(self.packed.reshape(self.n, -1), self.bits)
 
     def dequantize(self) -> np.ndarray:
         """The weight as the runtime sees it, [K, N] float32."""
@@ -65,7 +67,7 @@ class BlockQuantized:
         if self.float_zero_points:
             zero = self.zero_points.astype(np.float32)
         else:
-            zero = unpack(self.zero_points, self.bits)[:, : self.k_blocks].astype(np.float32)
+            zero = unpack_codes(self.zero_points, self.bits)[:, : self.k_blocks].astype(np.float32)
         values = (codes - zero[:, :, None]) * self.scales[:, :, None]
         return np.ascontiguousarray(values.reshape(self.n, -1)[:, : self.k].T)
 
@@ -81,14 +83,6 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     grouped = codes.reshape(*codes.shape[:-1], width, per_byte)
     shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
     return np.bitwise_or.reduce(grouped << shifts, axis=-1).astype(np.uint8)
-
-
-def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    per_byte = 8 // bits
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    mask = np.uint8((1 << bits) - 1)
-    codes = (packed[..., None] >> shifts) & mask
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)
 
 
 def _padded_columns(weight: np.ndarray, block_size: int) -> np.ndarray:
