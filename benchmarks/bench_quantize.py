@@ -29,6 +29,7 @@ llama.cpp. Outputs are deleted after each measurement (Llama-3-8B's GGUF is 16 G
     python benchmarks/bench_quantize.py                    # the side-by-side table
     python benchmarks/bench_quantize.py --sweep --json results.json
     python benchmarks/bench_quantize.py --skip-side-by-side --scale --shapes phi-3-mini
+    python benchmarks/bench_quantize.py --frontier         # against llama.cpp's types (quantize_frontier.py)
 """
 
 from __future__ import annotations
@@ -324,7 +325,16 @@ def main() -> None:
                         help="--scale: scratch for outputs (needs about 25 GB for Llama-3-8B)")
     parser.add_argument("--skip-side-by-side", action="store_true")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--frontier", action="store_true",
+                        help="instead: the (size, perplexity) frontier against llama.cpp's types on a discriminating "
+                             "reference model (benchmarks/quantize_frontier.py)")
+    parser.add_argument("--steps", type=int, default=1000, help="--frontier: training steps of its reference model")
     args = parser.parse_args()
+    if args.frontier:
+        import quantize_frontier
+
+        args.workdir = args.work.parent / "bench-quantize-frontier"
+        raise SystemExit(quantize_frontier.main(args))
 
     results: dict = {"load_average": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:

@@ -34,8 +34,8 @@ from torch import nn
 from ..errors import ModelDirError
 from ..onnx_weights import HEAD_WEIGHT
 from .attention import ATTENTION, CURRENT, Context, SlotCache, Step
-from .plans import STYLES, Shape, check_split_features, model_plan
 from .kernels import BlockEmbedding
+from .plans import STYLES, Shape, check_split_features, model_plan
 from .tp import (TPGroup, VocabParallelEmbedding, VocabParallelLMHead, WeightLoader,
                  parallel_linear, vocab_share)
 

@@ -9,7 +9,8 @@ Weights are read slice by slice from the checkpoint's memory map, never whole;
 Conv1D weights (GPT-2, stored [in, out]) are sliced along the matching axis.
 A block-quantized weight (an `orion quantize` output, read through
 onnx_weights.OnnxWeights) is sliced the same way, by output rows or whole
-input blocks, and multiplied by quantized.BlockMatmul.
+input blocks. Each share is multiplied by its kernel (kernels.py): oneDNN's
+packed float32 layout, or torch's int4 kernel for quantized blocks.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from torch import nn
 
 from ..checkpoint import CheckpointReader
 from ..onnx_weights import BlockWeight, OnnxWeights
-from .plans import Shape
 from .kernels import BlockEmbedding, BlockMatmul, DenseMatmul, dense_kernel_takes
+from .plans import Shape
 
 
 @dataclass
