@@ -5,7 +5,8 @@
 WINDOWS.npy holds token ids [N, T]; every position after the first of every
 window is scored, each window from an empty context, as orion's evaluation
 scores its ONNX models. The bindings are llama-cpp-python's, from its source
-distribution (the one llama.cpp was built from), over this build's libllama.
+distribution (the one llama.cpp was built from), over this build's libllama;
+they import diskcache (`pip install -e '.[bench]'`).
 """
 
 from __future__ import annotations

@@ -7,15 +7,15 @@ of benchmarks/serve_peer.py, one decode step's linears took 23 ms instead of
 37 ms with MKL on the checkpoint's layout at batch 1, and 46 ms instead of 94
 at batch 8.
 
-Block-quantized weights (orion quantize's MatMulNBits layout) run on torch's CPU int4 kernel.
-
-torch's `_weight_int4pack_mm_for_cpu` multiplies bfloat16 activations by
-4-bit codes in groups along K, each group decoded as (code - 8) * scale +
-zero. onnxruntime's blocks decode as (code - zero_point) * scale, which is
-the same with zero = (8 - zero_point) * scale; 2-bit codes are 4-bit codes
-that never exceed 3, so q2 and q3 run on the same kernel. Weights the kernel
-cannot take (8 bits, outputs not a multiple of 16, a block size it lacks)
-are dequantized to float: correct, without the memory saving.
+Block-quantized weights (orion quantize's MatMulNBits layout) run on torch's
+CPU int4 kernel. `_weight_int4pack_mm_for_cpu` multiplies bfloat16
+activations by 4-bit codes in groups along K, each group decoded as
+(code - 8) * scale + zero. onnxruntime's blocks decode as
+(code - zero_point) * scale, the same with zero = (8 - zero_point) * scale;
+2-bit codes, shifted by their zero point into the 4-bit range (_recentred),
+run on the same kernel, so q2 and q3 do too. Weights the kernel cannot take
+(8 bits, outputs not a multiple of 16, a block size it lacks) are dequantized
+to float: correct, without the memory saving.
 
 Numerics: the kernel computes in bfloat16 where onnxruntime (accuracy_level
 4) quantizes activations to int8, so logits differ slightly; the tests hold
