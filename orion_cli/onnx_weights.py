@@ -165,9 +165,6 @@ class OnnxWeights:
     def __contains__(self, name: str) -> bool:
         return name in self._arrays or name in self._blocks
 
-    def names(self) -> list[str]:
-        return list(self._arrays)
-
     def get_slice(self, name: str) -> _Lazy:
         if name in self._blocks:
             raise ModelDirError(f"MODEL_DIR: {name} is stored quantized; it has no float tensor to read")
