@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_serve import build_model  # noqa: E402
+from measure import concurrently  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,22 +51,9 @@ def single_stream(url: str, tokens: int, **extra) -> float:
 
 def concurrent(url: str, clients: int, prompts_per_request: int, tokens: int) -> float:
     """Aggregate generated tokens/s of `clients` clients, each sending one request of `prompts_per_request`."""
-    counts = [0] * clients
-    barrier = threading.Barrier(clients + 1)
-
-    def client(i: int) -> None:
-        barrier.wait()
-        prompt = PROMPT if prompts_per_request == 1 else [PROMPT] * prompts_per_request
-        counts[i] = completion(url, tokens, prompt=prompt)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    return sum(counts) / (time.perf_counter() - start)
+    prompt = PROMPT if prompts_per_request == 1 else [PROMPT] * prompts_per_request
+    counts, seconds = concurrently(clients, lambda i: completion(url, tokens, prompt=prompt))
+    return sum(counts) / seconds
 
 
 def scoring_rate(url: str, prompt_ids: list[int], requests: int = 8) -> float:

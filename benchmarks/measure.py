@@ -55,3 +55,33 @@ def run_measured(command: list[str], interval: float = 0.05, env: dict | None = 
     seconds = time.perf_counter() - started
     reader.join()
     return Measurement(seconds, peak, process.returncode, b"".join(stderr_chunks).decode(errors="replace"))
+
+
+def concurrently(clients: int, work) -> tuple[list, float]:
+    """Run work(i) in `clients` threads released together; (their results in order, wall seconds from release
+    to the last one's end). The benchmarks' N-client aggregates are sum(results) / seconds. A client's
+    exception is raised here, after every thread has ended."""
+    import threading
+
+    results: list = [None] * clients
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = work(i)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return results, seconds

@@ -37,6 +37,7 @@ from pathlib import Path
 import httpx
 
 from llama_cpp import convert_command, tool
+from measure import concurrently
 from server_process import ServerProcess
 
 MESSAGES = [{"role": "user", "content": "Write a Python function that parses a CSV file and returns the rows."}]
@@ -183,25 +184,9 @@ def single_stream(server, tokens: int, repeats: int) -> float:
 
 
 def concurrent(server, tokens: int, clients: int, per_client: int) -> float:
-    totals: list[int] = []
-    barrier = threading.Barrier(clients + 1)
-
-    def client() -> None:
-        barrier.wait()
-        for _ in range(per_client):
-            totals.append(chat(server, tokens)[0])
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    if len(totals) != clients * per_client:
-        raise RuntimeError(f"{server.url}: {clients * per_client - len(totals)} requests failed")
-    return sum(totals) / seconds
+    """Aggregate tokens/s of `clients` concurrent clients, `per_client` requests each (a failed one raises)."""
+    counts, seconds = concurrently(clients, lambda i: sum(chat(server, tokens)[0] for _ in range(per_client)))
+    return sum(counts) / seconds
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
