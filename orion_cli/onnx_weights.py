@@ -173,6 +173,10 @@ class OnnxWeights:
     def is_quantized(self, name: str) -> bool:
         return name in self._blocks
 
+    def block_sizes(self) -> dict[str, int]:
+        """Inputs per quantization block of every block-quantized weight, by checkpoint name."""
+        return {name: site.block_size for name, site in self._blocks.items()}
+
     def blocks(self, name: str) -> BlockWeight:
         """The quantized weight `name` ([N, ...] rows: outputs, or an embedding's vocabulary)."""
         site = self._blocks[name]

@@ -142,8 +142,9 @@ def decoder_file(model: ModelDir) -> Path:
                         "model.onnx; which one is the decoder?")
 
 
-def check_torch_can_read(model: ModelDir, onnx_file: str) -> None:
-    """The torch engine reads an ONNX model's weights by checkpoint name, as orion quantize names them."""
+def check_torch_can_read(model: ModelDir, onnx_file: str) -> dict[str, int]:
+    """The torch engine reads an ONNX model's weights by checkpoint name, as orion quantize names them; returns
+    each quantized weight's block size."""
     from ..onnx_weights import OnnxWeights
 
     with OnnxWeights(onnx_file) as weights:
@@ -151,6 +152,7 @@ def check_torch_can_read(model: ModelDir, onnx_file: str) -> None:
             raise UsageError(f"--engine torch: MODEL_DIR {model.root} was not quantized by orion quantize (its "
                              f"weight {weights.foreign[0]} is not named after a checkpoint tensor), so the torch "
                              "engine cannot place its weights; serve it whole with --engine onnxruntime")
+        return weights.block_sizes()
 
 
 def check_common(settings: ServeSettings) -> None:
@@ -186,8 +188,14 @@ def check_torch_options(job: ServeJob, model: ModelDir, model_id: str, entry: di
     plan = model_plan(hf_config)
     check_parallel(hf_config, plan, settings.tp, settings.pp)
     shape = Shape.of(hf_config)
+    onnx_file = quantization = None
+    blocks: dict[str, int] = {}
+    if model.format == "onnx":
+        onnx_file = str(decoder_file(model).resolve())
+        quantization = (model.metadata or {}).get("quantization")
+        blocks = check_torch_can_read(model, onnx_file)
     if settings.tp > 1:
-        check_planned_linears(hf_config, plan, settings.tp, shape)
+        check_planned_linears(hf_config, plan, settings.tp, shape, blocks)
     layers = split_layers(shape.num_layers, settings.pp, settings.pp_split)
     world = settings.tp * settings.pp
     if world % settings.nnodes:
@@ -212,11 +220,6 @@ def check_torch_options(job: ServeJob, model: ModelDir, model_id: str, entry: di
                      f"using {shape.max_positions}")
         max_model_len = shape.max_positions
     config_bytes = (model.path / "config.json").read_bytes()
-    onnx_file = quantization = None
-    if model.format == "onnx":
-        onnx_file = str(decoder_file(model).resolve())
-        quantization = (model.metadata or {}).get("quantization")
-        check_torch_can_read(model, onnx_file)
     return WorkerSpec(
         model_dir=str(model.path.resolve()), model_id=model_id, registry_entry=entry,
         architecture=model.architecture or hf_config.model_type, layer_counts=[len(r) for r in layers],
@@ -279,8 +282,10 @@ def load_config(model: ModelDir, trust_remote_code: bool) -> Any:
     return config
 
 
-def check_planned_linears(config: Any, plan: Any, tp: int, shape: Any) -> None:
-    """Every linear layer the tensor-parallel plan splits divides into whole shares (built on meta, no weights)."""
+def check_planned_linears(config: Any, plan: Any, tp: int, shape: Any, blocks: dict[str, int] | None = None) -> None:
+    """Every linear layer the tensor-parallel plan splits divides into whole shares (built on meta, no weights),
+    and, for a block-quantized weight (`blocks`: inputs per block by checkpoint name), a row-parallel share is
+    whole blocks."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -288,12 +293,19 @@ def check_planned_linears(config: Any, plan: Any, tp: int, shape: Any) -> None:
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    base = next(child for _, child in model.named_children()
-                if any(m is model.get_input_embeddings() for m in child.modules()))
+    prefix, base = next((name, child) for name, child in model.named_children()
+                        if any(m is model.get_input_embeddings() for m in child.modules()))
     for qualname, module in base.named_modules():
         style = plan.style_of(qualname)
         weight = getattr(module, "weight", None)
         if style and style != "replicate" and weight is not None and weight.dim() == 2:
             rows, cols = weight.shape
             conv1d = type(module).__name__ == "Conv1D"
-            check_split_features(qualname, style, cols if conv1d else rows, rows if conv1d else cols, tp, shape)
+            in_features = rows if conv1d else cols
+            check_split_features(qualname, style, cols if conv1d else rows, in_features, tp, shape)
+            name = f"{prefix}.{qualname}.weight"
+            block = (blocks or {}).get(name)
+            if style.startswith("rowwise") and block and (in_features // tp) % block:
+                raise UsageError(f"--tp {tp}: each rank's {in_features // tp} input features of {name} cut its "
+                                 f"quantization blocks of {block}; choose a --tp that leaves whole blocks, or "
+                                 "quantize again with a smaller --block-size")
