@@ -11,7 +11,9 @@ perplexity (printed; the run goes on either way, saying so).
 
 Then, on the same held-out token windows (ids, never text):
   - fp32 (transformers), the baseline;
-  - orion quantize q4, q3, q2 (default settings), and q2 --method rtn --block-size 32 (the check above);
+  - orion quantize q4, q3, q2 (default settings), and q2 with --size-budget 0.125 (Q2_K's size here);
+  - the check above: every weight matrix (embedding and head included) round-to-nearest at 2 bits in blocks
+    of 32 (onnxruntime's kernel, dequantized into transformers' model: orion's levels now mix formats);
   - llama.cpp: convert_hf_to_gguf.py to F32, llama-quantize to Q4_0, Q4_K_M, Q3_K_S, Q3_K_M, Q2_K and
     IQ2_XXS, each without and with an importance matrix (llama-imatrix on the calibration text; IQ2_XXS
     needs one), scored through llama.cpp's own library (the llama-cpp-python sources' ctypes bindings over
@@ -33,7 +35,8 @@ import numpy as np
 from llama_cpp import convert_command, llama_cpp_root, tool
 
 LLAMA_TYPES = ("Q4_0", "Q4_K_M", "Q3_K_S", "Q3_K_M", "Q2_K", "IQ2_XXS")
-ORION_RUNS = (("q4", []), ("q3", []), ("q2", []), ("q2 rtn/32", ["--method", "rtn", "--block-size", "32"]))
+# q2 also at llama.cpp Q2_K's size on this model (0.125x: its output tensor is Q6_K), beside the level's 0.10x
+ORION_RUNS = (("q4", []), ("q3", []), ("q2", []), ("q2 --size-budget 0.125", ["--size-budget", "0.125"]))
 DISCRIMINATION = 0.20  # round-to-nearest q2 at block 32 must cost at least this much perplexity
 
 
@@ -47,6 +50,22 @@ def discriminating_model(steps: int) -> Path:
     recipe = replace(recipe, steps=steps, warmup_steps=max(recipe.warmup_steps, steps // 10),
                      train_bytes=max(recipe.train_bytes, 16_000_000))
     return ensure_reference_model(load_config().cache_path, recipe)
+
+
+def rtn_q2_logits(model_dir: Path):
+    """transformers' model with every 2-D weight replaced by its 2-bit, block-32 round-to-nearest version."""
+    import torch
+
+    from orion_cli.quantize.blockwise import quantize_weight
+
+    def round_weights(model) -> None:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.dim() == 2 and parameter.shape[1] % 32 == 0:  # [out, in]: blocks along the inputs
+                    rounded = quantize_weight(parameter.numpy().T, 2, 32, "rtn").dequantize()
+                    parameter.copy_(torch.from_numpy(rounded.T))
+
+    return hf_logits(model_dir, round_weights)
 
 
 def mean_nll(logits: np.ndarray, targets: np.ndarray) -> tuple[float, int]:
@@ -67,11 +86,14 @@ def perplexity_of(logits_of, windows: np.ndarray, batch: int = 8) -> float:
     return math.exp(total / count)
 
 
-def hf_logits(model_dir: Path):
+def hf_logits(model_dir: Path, prepare=None):
+    """transformers' logits for [n, T] ids; `prepare(model)` may change the model first."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if prepare is not None:
+        prepare(model)
 
     def run(ids: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -123,9 +145,13 @@ def run(args) -> list[dict]:
     base = perplexity_of(hf_logits(model), windows)
     rows.append({"system": "fp32 (transformers)", "size": 1.0, "perplexity": base, "change": 0.0})
     print(f"fp32: perplexity {base:.3f} on {windows.shape[0]} windows of {windows.shape[1]}", file=sys.stderr)
+    ppl = perplexity_of(rtn_q2_logits(model), windows)
+    rows.append({"system": "2-bit round-to-nearest, blocks of 32 (the check)", "size": None, "perplexity": ppl,
+                 "change": ppl / base - 1, "note": "not stored: a simulation in transformers"})
+    print(rows[-1], file=sys.stderr, flush=True)
     for name, extra in ORION_RUNS:
         level = name.split()[0]
-        out = work / f"orion-{name.replace(' ', '-').replace('/', '')}"
+        out = work / f"orion-{name.replace(' ', '-').replace('/', '').replace('--', '')}"
         if not (out / "quantized" / "model.onnx").is_file():
             subprocess.run([sys.executable, "-m", "orion_cli", "quantize", "-m", str(model), "-o", str(out),
                             "--level", level, "--force", *extra], check=True, stdout=subprocess.DEVNULL)
@@ -170,10 +196,12 @@ def run(args) -> list[dict]:
 
 def main(args) -> int:
     rows = run(args)
-    rtn = next((r for r in rows if r["system"] == "orion q2 rtn/32"), None)
+    rtn = next((r for r in rows if r["system"].startswith("2-bit round-to-nearest")), None)
     print("| system | size / fp32 | perplexity | change |\n|---|---|---|---|")
     for row in sorted(rows, key=lambda r: (r["size"] is None, r["size"] or 0)):
-        if row["size"] is None:
+        if row["size"] is None and row["perplexity"] is not None:
+            print(f"| {row['system']} | – | {row['perplexity']:.3f} | {row['change']:+.1%} |")
+        elif row["size"] is None:
             print(f"| {row['system']} | – | – | {row.get('note', '')} |")
         else:
             print(f"| {row['system']} | {row['size']:.3f}× | {row['perplexity']:.3f} | {row['change']:+.1%} |")

@@ -69,7 +69,7 @@ def _is_a_size(value: str | int) -> str | int:
 
 def _is_a_fraction(value: float) -> float:
     if not 0.0 < value <= 1.0:
-        raise ValueError("the fraction kept must be in (0, 1]")
+        raise ValueError("must be a fraction in (0, 1]")
     return value
 
 
@@ -78,15 +78,18 @@ Size = Annotated[str | int, AfterValidator(_is_a_size)]
 
 
 class QuantizeSettings(_Section):
-    level: QuantLevel = Setting("q4: 4 bits; q3: 2 or 4 bits per tensor, 3.0 on average; q2: 2 bits.", short="-l")
-    block_size: int | None = Setting("Weights sharing one scale: 16..256, a power of two (null: the level's).",
-                                     metavar="N", ge=16, le=256)
+    level: QuantLevel = Setting("Formats and a size budget: q4 (4/8 bits) 0.16x, q3 and q2 (2/4 bits) 0.13x and "
+                                "0.10x of fp32; each tensor's format by measured KL.", short="-l")
+    size_budget: Annotated[float, AfterValidator(_is_a_fraction)] | None = Setting(
+        "Every byte of the ONNX files as a fraction of the fp32 weights' (null: the level's).", metavar="FRACTION")
+    block_size: int | None = Setting("Weights sharing one scale: 16..256, a power of two (null: the level's "
+                                     "formats).", metavar="N", ge=16, le=256)
     method: QuantMethod = Setting("Algorithm; auto is GPTQ for linear layers and k-quant for the embedding.")
     low_cpu_mem: bool = Setting("Accepted and ignored: quantize always works a layer at a time now.")
     keep_intermediate: bool = Setting("Keep the fp32 ONNX export in OUT/onnx.")
     eval_text: str | None = Setting("Text to calibrate on (its first windows) and evaluate on (the rest); "
                                     "null: the reference corpus.", metavar="FILE")
-    calibration_tokens: int = Setting("Tokens of calibration text (GPTQ statistics, q3 sensitivities).",
+    calibration_tokens: int = Setting("Tokens of calibration text (GPTQ statistics, the sensitivity sample).",
                                       metavar="N", ge=128)
     calibration_minutes: float = Setting("With method auto: calibration is cut to finish in about this many "
                                          "minutes on this machine (fewer tokens; below 1024, rtn).",

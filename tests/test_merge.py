@@ -266,7 +266,7 @@ def test_a_shape_mismatch_names_the_tensor_and_both_shapes(orion, variants, odd_
         (["--method", "slerp", "--models", "{llama3}"], 2, "exactly two models; --models names 3"),
         (["--method", "average"], 2, "--method average: choose from linear, slerp, ties, dare, dare_linear"),
         (["--density", 0.5], 2, "--density applies to ties, dare and dare_linear, not to --method linear"),
-        (["--method", "ties", "--density", 1.5], 2, "--density 1.5: the fraction kept must be in (0, 1]"),
+        (["--method", "ties", "--density", 1.5], 2, "--density 1.5: must be a fraction in (0, 1]"),
         (["--dtype", "int8"], 2, "--dtype int8: choose from float32, float16, bfloat16"),
         (["--models", "no/such/dir"], 1, "--models no/such/dir: neither a directory nor a key in registry"),
         (["--config", "merge.yml"], 2, "--config merge.yml holds the whole merge; drop --models"),

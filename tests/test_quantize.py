@@ -15,8 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from orion_cli.onnx_weights import unpack_codes as unpack
 from orion_cli.quantize.blockwise import BlockQuantized, pack, quantize_weight
 from orion_cli.quantize.gptq import quantize_gptq
-from orion_cli.quantize.graph import WeightSite
-from orion_cli.quantize.levels import allocate_bits, average_bits
+from orion_cli.quantize.allocate import Option, allocate
 
 
 def _session(node: onnx.NodeProto, inputs, outputs, initializers):
@@ -146,28 +145,43 @@ def test_gptq_pads_a_partial_block_to_exact_zeros(weight):
     np.testing.assert_array_equal(codes[:, 1, 32:], np.broadcast_to(zeros[:, 1:2], (q.n, 32)))
 
 
-# --- the q3 allocation -------------------------------------------------------------------------------------
+# --- the allocation: least predicted KL within a byte budget ---------------------------------------------
 
 
-def _site(name: str, k: int, n: int) -> WeightSite:
-    return WeightSite(name, "MatMul", name, False, None, k, n, "linear")
+def test_allocation_buys_the_most_kl_per_byte_within_the_budget():
+    options = {
+        "head": {"2": Option(100, 0.030), "4": Option(200, 0.001)},  # 0.029 for 100 bytes
+        "emb": {"2": Option(100, 0.040), "4": Option(200, 0.003)},   # 0.037 for 100 bytes
+        "q": {"2": Option(10, 0.002), "4": Option(20, 0.0001)},      # 0.0019 for 10 bytes: the best per byte
+    }
+    chosen, fits = allocate(options, budget=320)
+    assert fits and chosen == {"head": "2", "emb": "4", "q": "4"}  # 310 bytes; head's step no longer fits
+    chosen, _ = allocate(options, budget=420)
+    assert chosen == {"head": "4", "emb": "4", "q": "4"}
+    chosen, _ = allocate(options, budget=220)
+    assert chosen == {"head": "2", "emb": "2", "q": "4"}
+    chosen, _ = allocate(options, budget=210)  # exactly the cheapest of each
+    assert chosen == {"head": "2", "emb": "2", "q": "2"}
 
 
-def test_allocation_raises_the_most_sensitive_weights_within_the_budget():
-    sites = [_site("a", 10, 10), _site("b", 10, 10), _site("c", 10, 20), _site("d", 10, 20)]
-    gains = {"a": 5.0, "b": 0.1, "c": 8.0, "d": 1.0}  # per weight: a 0.05, b 0.001, c 0.04, d 0.005
-    bits = allocate_bits(sites, gains, target_bits=3.0)
-    assert bits == {"a": 4, "b": 2, "c": 4, "d": 2}
-    assert average_bits(sites, bits) == pytest.approx(3.0)
-    # a tighter budget skips what no longer fits and takes a smaller tensor that does
-    bits = allocate_bits(sites, gains, target_bits=2.5)
-    assert average_bits(sites, bits) <= 2.5
-    assert bits["a"] == 4 and bits["c"] == 2
+def test_allocation_skips_options_that_cost_more_for_no_less_kl_and_reports_an_impossible_budget():
+    options = {"a": {"cheap": Option(10, 1.0), "dear": Option(30, 1.0), "mid": Option(20, 0.2),
+                     "best": Option(40, 0.19)}}
+    chosen, fits = allocate(options, budget=35)
+    assert fits and chosen == {"a": "mid"}  # "dear" is never worth having; "best" does not fit
+    chosen, fits = allocate(options, budget=5)
+    assert not fits and chosen == {"a": "cheap"}
 
 
-def test_allocation_never_raises_a_tensor_that_gains_nothing():
-    sites = [_site("a", 8, 8), _site("b", 8, 8)]
-    assert allocate_bits(sites, {"a": 0.0, "b": -1.0}, target_bits=4.0) == {"a": 2, "b": 2}
+def test_allocation_takes_steps_along_a_tensors_hull_in_order():
+    # from 10 bytes: +10 bytes saves 0.5, +20 more saves 0.4 (less per byte): a convex hull of three
+    options = {"a": {"x": Option(10, 1.0), "y": Option(20, 0.5), "z": Option(40, 0.1)},
+               "b": {"x": Option(10, 1.0), "y": Option(25, 0.7)}}  # 0.02 per byte
+    chosen, _ = allocate(options, budget=45)
+    # a's first step (0.05 per byte); a's second (0.02, first of the tie by name) does not fit; b's does
+    assert chosen == {"a": "y", "b": "y"}
+    chosen, _ = allocate(options, budget=100)
+    assert chosen == {"a": "z", "b": "y"}
 
 
 # --- bad input: one line, the right exit code, nothing written --------------------------------------------
@@ -185,6 +199,7 @@ def _one_line_error(result, code: int, *needles: str) -> None:
     (["--level", "q3.5"], 2, ["--level", "q3.5"]),
     (["--method", "awq"], 2, ["--method", "awq"]),
     (["--block-size", "48"], 2, ["--block-size"]),
+    (["--size-budget", "1.5"], 2, ["--size-budget 1.5", "(0, 1]"]),
     (["--eval-text", "missing.txt"], 2, ["--eval-text", "missing.txt"]),
 ])
 def test_bad_flags_are_refused_before_any_work(orion, tiny_llama, tmp_path, flags, code, needles):

@@ -73,6 +73,37 @@ def optimum_generate(model_dir: Path, prompt: list[int], max_new_tokens: int) ->
     return out[0, len(prompt):].tolist()
 
 
+def check_allocation(metadata: dict, level: str, measured: bool) -> None:
+    """Every tensor in one of the level's formats; the files within the level's size budget, or, where even the
+    cheapest formats do not fit (a tiny model is mostly graph), every tensor in its cheapest; with calibration,
+    the KL of the embedding, every decoder layer and the head measured, none skipped."""
+    from orion_cli.quantize.levels import LEVELS
+
+    recipe, allocation = LEVELS[level], metadata["quantization"]["allocation"]
+    formats = {(f.bits, f.block) for f in recipe.formats}
+    for tensor in metadata["tensors"]:
+        bits, block = tensor["bits"], tensor["block_size"]
+        if tensor["role"] == "embedding":  # GatherBlockQuantized: the largest block dividing the hidden size
+            assert any(bits == b and block <= f for b, f in formats), tensor
+        else:
+            assert (bits, block) in formats, tensor
+    budget = recipe.size_budget * metadata["sizes"]["fp32_bytes"]
+    if allocation["within_budget"]:
+        assert metadata["sizes"]["quantized_bytes"] <= budget
+    else:
+        assert allocation["raised"] == []
+    if measured:
+        sensitivity = allocation["sensitivity"]
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(metadata["provenance"]["sources"][0]["path"]).get_text_config()
+        assert "not_measured" not in sensitivity, sensitivity
+        expected = {"embedding"} | {f"layer {i}" for i in range(config.num_hidden_layers)}
+        assert set(sensitivity["groups_kl"]) == expected
+        assert all(kl > 0 for kl in sensitivity["groups_kl"].values()), sensitivity
+        assert set(sensitivity["lm_head_kl"]) == {str(f) for f in recipe.formats}
+
+
 def check_loads_and_generates(model_dir: Path) -> None:
     """optimum's ORTModelForCausalLM (which sizes its own first cache) generates what orion's runner does."""
     config = json.loads((model_dir / "config.json").read_text())
@@ -92,17 +123,16 @@ def test_q4_is_close_to_fp32_and_generates_in_optimum(arch, quantize_models, tmp
     assert float_weights_left(result.model_dir) == [], "linear layers left in fp32"
     assert {t["role"] for t in tensors} == {"embedding", "lm_head", "linear"}
     assert sum(t["role"] == "lm_head" for t in tensors) == 1, "tied or not, the head is quantized once"
-    assert all(t["bits"] == 4 for t in tensors)
+    check_allocation(result.metadata, "q4", measured=True)
     assert (result.model_dir / "model.onnx_data").is_file() and not (result.output / "onnx").exists()
     check_loads_and_generates(result.model_dir)
 
 
-@pytest.mark.parametrize("level", ["q3", "q2"])
-@pytest.mark.parametrize("arch", QUANTIZE_ARCHITECTURES)
+# q3 and q2 take the same formats and differ only in budget: q2 on every architecture, q3 on one
+@pytest.mark.parametrize("arch,level", [(arch, "q2") for arch in QUANTIZE_ARCHITECTURES] + [("llama", "q3")])
 def test_q3_and_q2_generate_in_optimum(arch, level, quantize_models, tmp_path):
     result = quantize_model(quantize_models[arch], tmp_path / level, level=level, method="rtn")
-    bits = result.metadata["quantization"]["bits"]
-    assert (2.6 <= bits <= 3.0) if level == "q3" else bits == 2.0
+    check_allocation(result.metadata, level, measured=False)
     check_loads_and_generates(result.model_dir)
 
 
@@ -151,7 +181,8 @@ def test_cli_writes_the_layout_metadata_and_registry_entry(cli_run, tiny_models)
 
     metadata = json.loads((out / "metadata.json").read_text())
     quant = metadata["quantization"]
-    assert (quant["level"], quant["bits"], quant["method"], quant["block_size"]) == ("q4", 4.0, "gptq", 32)
+    assert (quant["level"], quant["method"], quant["block_size"]) == ("q4", "gptq", 64)
+    assert 4.0 <= quant["bits"] <= 8.0
     assert quant["embedding_method"] == "kquant"
     assert quant["calibration"]["tokens"] == quant["calibration"]["text"]["tokens"] > 0
     source = metadata["provenance"]["sources"][0]
@@ -159,7 +190,7 @@ def test_cli_writes_the_layout_metadata_and_registry_entry(cli_run, tiny_models)
 
     assert source["sha256"] == weights_digest(inspect_model_dir(tiny_models["llama"]))[0]
     assert metadata["provenance"]["operation"] == "quantize"
-    assert all(t["bits"] == 4 and t["bytes"] > 0 for t in metadata["tensors"])
+    assert all(t["bits"] in (4, 8) and t["bytes"] > 0 for t in metadata["tensors"])
     sizes = metadata["sizes"]
     assert sizes["quantized_bytes"] == sum(f["bytes"] for f in metadata["files"] if ".onnx" in f["path"])
     assert sizes["reduction_percent"] == pytest.approx(100 * (1 - sizes["quantized_bytes"] / sizes["source_bytes"]), abs=1e-3)
@@ -167,7 +198,7 @@ def test_cli_writes_the_layout_metadata_and_registry_entry(cli_run, tiny_models)
     assert {"onnxruntime", "optimum", "transformers", "torch"} <= set(metadata["tools"])
 
     entry = Registry(registry).get("tiny-q4")
-    assert entry["quantization"] == {"level": "q4", "bits": 4.0, "method": "gptq", "block_size": 32}
+    assert entry["quantization"] == {"level": "q4", "bits": quant["bits"], "method": "gptq", "block_size": 64}
     assert entry["format"] == "onnx"
 
 
@@ -248,12 +279,37 @@ def test_q3_on_the_reference_model_keeps_its_quality(reference_model, tmp_path):
     result = quantize_model(reference_model, tmp_path / "ref-q3", level="q3", test=True,
                             calibration_tokens=2048, eval_tokens=4096)
     quant, quality, sizes = result.metadata["quantization"], result.metadata["quality"], result.metadata["sizes"]
-    assert 2.7 <= quant["bits"] <= 3.0
+    check_allocation(result.metadata, "q3", measured=True)
     assert set(quant["bits_histogram"]) == {"2", "4"}
-    assert quant["allocation"]["raised"], "some tensors were given 4 bits"
-    assert sizes["reduction_percent"] >= 85.0
+    assert quant["allocation"]["within_budget"] and quant["allocation"]["raised"], "some tensors were given 4 bits"
+    assert sizes["quantized_bytes"] <= 0.13 * sizes["fp32_bytes"]
     assert quality["perplexity_change"] < 0.05
     assert quality["top1_agreement"] > 0.9
+
+
+def test_q2_spends_its_budget_where_the_measured_kl_is(reference_model, tmp_path, monkeypatch):
+    """The bug this fixes: q2 was 2 bits everywhere, and q3's allocation ranked tensors by relative output
+    error, which calls the LM head (0.6% of its output) one of the least sensitive tensors when it costs the
+    most perplexity. With the same bytes as uniform 2 bits in blocks of 64 plus what the budget leaves, the
+    measured allocation must lower the KL divergence, and the head and embedding are what it raises first."""
+    from orion_cli.quantize import levels
+
+    common = dict(level="q2", test=True, calibration_tokens=2048, eval_tokens=4096)
+    measured = quantize_model(reference_model, tmp_path / "measured", **common)
+    check_allocation(measured.metadata, "q2", measured=True)
+    larger = quantize_model(reference_model, tmp_path / "larger", **common, size_budget=0.125)
+    monkeypatch.setitem(levels.LEVELS, "q2", levels.Level("q2", (levels.Format(2, 64),), 0.10, "uniform"))
+    uniform = quantize_model(reference_model, tmp_path / "uniform", **common)
+    sizes = measured.metadata["sizes"]
+    assert measured.metadata["quantization"]["allocation"]["within_budget"]
+    assert sizes["quantized_bytes"] <= 0.10 * sizes["fp32_bytes"]
+    assert measured.metadata["quality"]["kl_divergence"] < 0.8 * uniform.metadata["quality"]["kl_divergence"]
+    head_and_embedding = {t["name"]: t for t in measured.metadata["tensors"] if t["role"] != "linear"}
+    assert any(t["bits"] == 4 for t in head_and_embedding.values()), head_and_embedding
+    # a larger --size-budget buys more: the budget is the user's to set
+    assert larger.metadata["quantization"]["allocation"]["size_budget"] == 0.125
+    assert larger.metadata["sizes"]["quantized_bytes"] <= 0.125 * sizes["fp32_bytes"]
+    assert larger.metadata["quality"]["kl_divergence"] < measured.metadata["quality"]["kl_divergence"]
 
 
 # --- memory: bounded by a layer, not the model -------------------------------------------------------------

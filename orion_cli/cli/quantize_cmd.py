@@ -46,6 +46,8 @@ def quantize(
 
       orion quantize --model ./llama --output /tmp/llama-q2 --level q2 --method rtn --json
 
+      orion quantize --model ./llama --output out/llama-q2-12 --level q2 --size-budget 0.12
+
       orion quantize --model ./llama-3-8b --output out/l3-q4 --calibration-minutes 60
     """
     state = use(json_output, verbose)
@@ -68,6 +70,12 @@ def _render(console, result) -> None:
     table.add_row("bits per weight", f"{quant['bits']:.2f} ({quant['effective_bits']:.2f} with scales and zero points)")
     table.add_row("size", f"{format_size(sizes['source_bytes'])} -> {format_size(sizes['quantized_bytes'])} "
                           f"({sizes['reduction_percent']:.1f}% smaller)")
+    allocation = quant.get("allocation")
+    if allocation:
+        formats = ", ".join(f"{name}: {count}" for name, count in quant["formats_histogram"].items())
+        within = "within" if allocation["within_budget"] else "OVER (every tensor at its cheapest)"
+        table.add_row("formats (bits/block: tensors)", f"{formats}; {sizes['quantized_bytes'] / sizes['fp32_bytes']:.3f}x "
+                                                        f"fp32, {within} the budget of {allocation['size_budget']}x")
     table.add_row("time", f"{meta['durations']['total']:.1f} s")
     if result.registered:
         table.add_row("registered", result.registered)

@@ -63,13 +63,21 @@ class BlockQuantized:
 
     def dequantize(self) -> np.ndarray:
         """The weight as the runtime sees it, [K, N] float32."""
-        codes = self.codes().reshape(self.n, self.k_blocks, self.block_size).astype(np.float32)
+        return self.dequantize_outputs(0, self.n)
+
+    def dequantize_outputs(self, start: int = 0, stop: int | None = None, ids: np.ndarray | None = None) -> np.ndarray:
+        """Output features start:stop (or `ids`) as the runtime sees them, [K, n] float32."""
+        pick = ids if ids is not None else slice(start, self.n if stop is None else stop)
+        packed, scales, zero_points = self.packed[pick], self.scales[pick], self.zero_points[pick]
+        n = len(scales)
+        codes = unpack_codes(np.asarray(packed).reshape(n, -1), self.bits)
+        codes = codes.reshape(n, self.k_blocks, self.block_size).astype(np.float32)
         if self.float_zero_points:
-            zero = self.zero_points.astype(np.float32)
+            zero = np.asarray(zero_points, dtype=np.float32)
         else:
-            zero = unpack_codes(self.zero_points, self.bits)[:, : self.k_blocks].astype(np.float32)
-        values = (codes - zero[:, :, None]) * self.scales[:, :, None]
-        return np.ascontiguousarray(values.reshape(self.n, -1)[:, : self.k].T)
+            zero = unpack_codes(np.asarray(zero_points), self.bits)[:, : self.k_blocks].astype(np.float32)
+        values = (codes - zero[:, :, None]) * scales[:, :, None]
+        return np.ascontiguousarray(values.reshape(n, -1)[:, : self.k].T)
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:

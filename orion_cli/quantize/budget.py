@@ -52,12 +52,12 @@ def measure_gflops(size: int = 2048, repeats: int = 3) -> float:
     """This machine's float32 matmul speed with torch's threads, best of a few."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
+    a, b, out = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)
+    torch.matmul(a, b, out=out)
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats):  # into one output: a fresh 16 MiB result is a fresh mapping to fault in (heap.py)
         start = time.perf_counter()
-        a @ b
+        torch.matmul(a, b, out=out)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
@@ -66,34 +66,40 @@ def measure_gflops(size: int = 2048, repeats: int = 3) -> float:
 class CalibrationCost:
     per_token_flops: float
     fixed_flops: float
+    probe_flops: float = 0.0  # the sensitivity streams (sensitivity.py): forward passes of a fixed sample
 
     def seconds(self, tokens: int, gflops: float) -> float:
-        return (tokens * self.per_token_flops / FORWARD_EFFICIENCY + self.fixed_flops / GPTQ_EFFICIENCY) / (gflops * 1e9)
+        forward = tokens * self.per_token_flops + (self.probe_flops if tokens else 0.0)
+        return (forward / FORWARD_EFFICIENCY + self.fixed_flops / GPTQ_EFFICIENCY) / (gflops * 1e9)
 
 
 def calibration_cost(sites: Iterable[WeightSite], inputs: dict[str, str], linear_method: str,
-                     widths: tuple[int, ...]) -> CalibrationCost:
-    """`inputs` maps each linear site's node to the activation it reads (shared by q, k, v)."""
-    per_token, fixed = 0.0, 0.0
+                     widths: tuple, layers: int = 0, sample_tokens: int = 0) -> CalibrationCost:
+    """`inputs` maps each linear site's node to the activation it reads (shared by q, k, v). With several
+    formats, a stream per layer (and the embedding) runs the sample through the layers after it: on average
+    (layers + 1) / 2 passes of the model's layer weights over `sample_tokens`."""
+    per_token, fixed, forward = 0.0, 0.0, 0.0
     seen: set[str] = set()
     for site in sites:
         if site.op == "Gather":
             continue
         if site.role != "lm_head":
             per_token += 2 * site.elements
+            forward += 2 * site.elements
         if inputs[site.node] not in seen:
             seen.add(inputs[site.node])
             per_token += 2 * site.k**2
             if linear_method == "gptq":
                 fixed += site.k**3
         if linear_method == "gptq":
-            fixed += 2 * site.n * site.k**2 * len(widths)
+            fixed += 2 * site.n * site.k**2 * sum(1 for f in widths if f.bits < 8)  # 8 bits: round-to-nearest
         if len(widths) > 1:
             fixed += 2 * site.n * site.k**2 * (len(widths) + 1)
-    return CalibrationCost(per_token, fixed)
+    probe = forward * sample_tokens * (layers + 1) / 2 if len(widths) > 1 else 0.0
+    return CalibrationCost(per_token, fixed, probe)
 
 
-def plan_calibration(cost: CalibrationCost, *, requested: str, linear_method: str, widths: tuple[int, ...],
+def plan_calibration(cost: CalibrationCost, *, requested: str, linear_method: str, widths: tuple,
                      tokens: int, minutes: float, window: int) -> CalibrationPlan:
     if linear_method != "gptq" and len(widths) == 1:
         return CalibrationPlan(linear_method, 0, 0.0, 0.0, "no calibration needed")
@@ -102,8 +108,8 @@ def plan_calibration(cost: CalibrationCost, *, requested: str, linear_method: st
         return CalibrationPlan(linear_method, tokens, cost.seconds(tokens, gflops), gflops,
                                f"--method {requested}: {tokens} calibration tokens as configured")
     budget = minutes * 60
-    fits = int((budget * gflops * 1e9 - cost.fixed_flops / GPTQ_EFFICIENCY) * FORWARD_EFFICIENCY
-               / max(cost.per_token_flops, 1.0))
+    fits = int(((budget * gflops * 1e9 - cost.fixed_flops / GPTQ_EFFICIENCY) * FORWARD_EFFICIENCY
+                - cost.probe_flops) / max(cost.per_token_flops, 1.0))
     fits = fits // window * window
     if fits >= min(tokens, CALIBRATION_FLOOR):
         chosen = min(tokens, fits)
@@ -116,4 +122,4 @@ def plan_calibration(cost: CalibrationCost, *, requested: str, linear_method: st
                            f"calibrating even {CALIBRATION_FLOOR} tokens would take about "
                            f"{cost.seconds(CALIBRATION_FLOOR, gflops) / 60:.0f} minutes, more than "
                            f"{minutes:g}: {fallback} without calibration"
-                           + (", q3 sensitivities from weight error alone" if len(widths) > 1 else ""))
+                           + (", sensitivities from weight error alone" if len(widths) > 1 else ""))

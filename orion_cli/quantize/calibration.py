@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .layerwise import LayerwiseModel, is_linear
+from .sensitivity import LayerCall
 
 
 class Hessian:
@@ -35,13 +36,15 @@ class Hessian:
         return self.sum * (2.0 / self.tokens)
 
 
-LayerCallback = Callable[[int, dict[str, Hessian]], None]
+LayerCallback = Callable[[int, dict[str, Hessian], torch.nn.Module, LayerCall], None]
 
 
 def collect_hessians(model: LayerwiseModel, windows: np.ndarray, parameters: set[str],
-                     on_layer: LayerCallback) -> Hessian:
-    """Run `windows` through `model` in one batch; call on_layer(index, {parameter: Hessian}) as each decoder
-    layer finishes (for the `parameters` in it that saw a token), and return the Hessian of the LM head's input."""
+                     on_layer: LayerCallback) -> tuple[Hessian, torch.Tensor]:
+    """Run `windows` through `model` in one batch; call on_layer(index, {parameter: Hessian}, layer, call) as
+    each decoder layer finishes (for the `parameters` in it that saw a token; the layer is loaded and may be
+    run again, which collects nothing), and return the Hessian of the LM head's input with that input (the
+    final hidden states)."""
     modules = {name + ".weight": module for name, module in model.model.named_modules() if is_linear(module)}
     hessians: dict[str, Hessian] = {}
     last: dict[str, object] = {}
@@ -49,6 +52,8 @@ def collect_hessians(model: LayerwiseModel, windows: np.ndarray, parameters: set
 
     def hook_for(name: str):
         def before(module, args):
+            if last.get("paused"):
+                return
             x = args[0]
             if last.get("input") is not x:  # else the same tensor as the previous linear layer's: share
                 last["input"], last["hessian"] = x, Hessian(x.shape[-1])
@@ -56,9 +61,13 @@ def collect_hessians(model: LayerwiseModel, windows: np.ndarray, parameters: set
             hessians[name] = last["hessian"]
         return before
 
-    def finished(index, layer):
+    def finished(index, layer, call):
         last.clear()
-        on_layer(index, {name: hessians.pop(name) for name in list(hessians)})
+        last["paused"] = True
+        try:
+            on_layer(index, {name: hessians.pop(name) for name in list(hessians)}, layer, call)
+        finally:
+            last.clear()
 
     for name in parameters:
         if name in modules and model.layer_of(name) is not None:
@@ -70,4 +79,4 @@ def collect_hessians(model: LayerwiseModel, windows: np.ndarray, parameters: set
             hook.remove()
     head = Hessian(hidden.shape[-1])
     head.add(hidden)
-    return head
+    return head, hidden

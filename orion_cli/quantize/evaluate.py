@@ -128,3 +128,26 @@ def reference_greedy(reference: LayerwiseModel, prompt: list[int], max_new_token
         out.append(token)
         ids.append(token)
     return out
+
+
+def evaluate_quantized(reference, decoder, texts, tokenizer, prompt: str, completion_tokens: int,
+                       progress) -> tuple[dict[str, Any], dict[str, str]]:
+    """--test: the figures against transformers' fp32 model on the evaluation windows, and both models'
+    greedy completions of `prompt`."""
+    with progress.stage("Evaluating against the fp32 model", total=len(texts.evaluation)) as advance:
+        figures = compare_with_reference(reference, decoder, texts.evaluation, advance)
+    with progress.stage("Greedy completion of the prompt"):
+        ids = tokenizer(prompt)["input_ids"]
+        eos = {tokenizer.eos_token_id} - {None}
+        completions = {
+            "fp32": tokenizer.decode(reference_greedy(reference, ids, completion_tokens, eos), skip_special_tokens=True),
+            "quantized": tokenizer.decode(decoder.greedy(ids, completion_tokens, eos), skip_special_tokens=True),
+        }
+    quality = {
+        **figures.as_dict(),
+        "reference": "transformers, fp32, run from the checkpoint a layer at a time",
+        "eval": texts.evaluation_source,
+        "window_tokens": int(texts.evaluation.shape[1] - 1) if len(texts.evaluation) else 0,
+        "completion": {"prompt": prompt, "max_new_tokens": completion_tokens, **completions},
+    }
+    return quality, completions

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .sensitivity import LayerCall
 from .tensors import ModelTensors, row_blocks
 
-LayerVisit = Callable[[int, nn.Module], None]
+LayerVisit = Callable[[int, nn.Module, LayerCall], None]
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -42,6 +43,7 @@ class LayerwiseModel:
         self.config = config
         self.text_config = config.get_text_config()
         self.tensors = tensors
+        self.final_module: nn.Module | None = None  # found by the first forward (final_hidden)
         tensors.base_prefix = model.base_model_prefix
         self.embedding = model.get_input_embeddings()
         self.prefix = next(name for name, child in model.named_children()
@@ -85,7 +87,7 @@ class LayerwiseModel:
                 if param is not None and not param.is_meta:
                     child._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
 
-    def _embedding_rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embedding_rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows of the embedding for the unique ids, ids renumbered into them)."""
         unique, inverse = torch.unique(ids, return_inverse=True)
         vocab, hidden = self.tensors.shape(self.embedding_name)
@@ -98,14 +100,15 @@ class LayerwiseModel:
 
     @torch.inference_mode()
     def final_hidden(self, windows: np.ndarray, visit: LayerVisit | None = None) -> torch.Tensor:
-        """The hidden states after the final norm for [n, T] token windows; `visit(index, layer)` is called
-        after each layer ran, while its weights are loaded."""
+        """The hidden states after the final norm for [n, T] token windows; `visit(index, layer, call)` is
+        called after each layer ran, while its weights are loaded (`call` can run it again on other rows)."""
         hooks = []
+        last_output: dict[str, torch.Tensor] = {}
         embedding = self.embedding
         padding_idx = getattr(embedding, "padding_idx", None)
 
         def embed_before(module, args):
-            rows, renumbered = self._embedding_rows(args[0])
+            rows, renumbered = self.embedding_rows(args[0])
             module._parameters["weight"] = nn.Parameter(rows, requires_grad=False)
             module.padding_idx = None  # only gradients read it, and it may lie beyond the rows taken
             return (renumbered, *args[1:])
@@ -118,9 +121,16 @@ class LayerwiseModel:
             self._materialize(module, self.layer_prefix(module._orion_index).rstrip("."))
 
         def after(module, args, kwargs, output):
+            call = LayerCall(args, kwargs, output)
             if visit is not None:
-                visit(module._orion_index, module)
+                visit(module._orion_index, module, call)
             self._release(module)
+            last_output["hidden"] = call.hidden_out
+            last_output["layers"] = last_output.get("layers", 0) + 1
+
+        def final_before(module, args):
+            if args and last_output.get("layers") == len(self.layers) and args[0] is last_output["hidden"]:
+                self.final_module = module
 
         hooks.append(embedding.register_forward_pre_hook(embed_before))
         hooks.append(embedding.register_forward_hook(embed_after))
@@ -128,6 +138,9 @@ class LayerwiseModel:
             layer._orion_index = index
             hooks.append(layer.register_forward_pre_hook(before, with_kwargs=True))
             hooks.append(layer.register_forward_hook(after, with_kwargs=True))
+        for name, child in self.base.named_children():  # which module turns the last layer's output into the result
+            if name != self.layers_name and child is not embedding:
+                hooks.append(child.register_forward_pre_hook(final_before))
         try:
             out = self.base(input_ids=torch.from_numpy(np.ascontiguousarray(windows)), use_cache=False)
         finally:
@@ -135,15 +148,22 @@ class LayerwiseModel:
                 hook.remove()
         return out[0]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's logits for final hidden states [..., hidden], the head read in row blocks.
+    def final(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the base model does after its last layer (the final norm), on other hidden states."""
+        if self.final_module is None:
+            return hidden  # the base model returns the last layer's output as it is
+        return self.final_module(hidden)
+
+    def logits(self, hidden: torch.Tensor, head_rows: Callable[[int, int], torch.Tensor] | None = None) -> torch.Tensor:
+        """The model's logits for final hidden states [..., hidden], the head read in row blocks
+        (from the checkpoint, or `head_rows(start, stop)`: another version of the head, [rows, hidden]).
 
         What the CausalLM forward does after the head (Granite's scaling, Gemma 2's
         softcapping) is applied as its config says.
         """
         vocab, width = self.tensors.shape(self.head_name)
-        parts = [nn.functional.linear(hidden, self.tensors.rows(self.head_name, start, stop))
-                 for start, stop in row_blocks(vocab, width)]
+        read = head_rows or (lambda start, stop: self.tensors.rows(self.head_name, start, stop))
+        parts = [nn.functional.linear(hidden, read(start, stop)) for start, stop in row_blocks(vocab, width)]
         logits = torch.cat(parts, dim=-1)
         if getattr(self.text_config, "logits_scaling", None):
             logits = logits / self.text_config.logits_scaling

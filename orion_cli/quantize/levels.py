@@ -1,32 +1,44 @@
-"""What each level does: bits per tensor, the algorithm, the block size.
+"""What each level does: a size budget, the formats a tensor may take, and how they are chosen.
 
-Every choice here was measured on the reference model (benchmarks/bench_quantize.py
---sweep; figures and reasoning in docs/quantization.md):
+Every choice here was measured (benchmarks/bench_quantize.py --sweep and
+--frontier; figures and reasoning in docs/quantization.md):
 
-- Linear layers (every MatMul/Gemm, the LM head included) use GPTQ at every
-  level: it halved the KL divergence of round-to-nearest at 4 bits and at 2 bits.
+- Linear layers (every MatMul/Gemm, the LM head included) use GPTQ: it halved
+  the KL divergence of round-to-nearest at 4 bits and at 2 bits.
 - The token embedding has no inputs to calibrate on, so GPTQ does not apply;
-  k-quant beat round-to-nearest on it at both widths (quantized alone: KL
-  0.00108 vs 0.00116 at 4 bits, 0.0239 vs 0.0354 at 2 bits). HQQ cannot be used there
+  k-quant beat round-to-nearest on it at both widths. HQQ cannot be used there
   (GatherBlockQuantized takes integer zero points only).
-- q4: every weight at 4 bits in blocks of 32.
-- q3: every weight at 2 or 4 bits, averaging 3.0 bits per weight: the tensors
-  whose 2-bit version raises the KL divergence most per weight stay at 4 bits
-  (measured on calibration text, one tensor at a time), like llama.cpp's K-quant
-  mixes but chosen per model by measurement instead of by tensor name.
-- q2: every weight at 2 bits in blocks of 64: blocks of 32 cost 3.06 bits per
-  weight with their scales, which misses the 90% size target on small models.
+- A level is a size budget, not a width: every tensor is quantized in each of
+  the level's formats (bits, block size), and the allocation (allocate.py)
+  picks one per tensor so that the model's predicted KL divergence is least
+  while every byte of the ONNX files stays within the budget, a fraction of the
+  fp32 weights' bytes. That is how llama.cpp's K-quant mixes give the output
+  tensor 6 bits inside "Q2_K", but chosen per model by measurement instead of by
+  tensor name. On the discriminating reference model the LM head and the
+  embedding are where 2 bits hurt most (each alone at 2 bits: +4.4% and +3.8%
+  perplexity; a whole decoder layer's tensors much less).
+- The budgets keep within the users' size table (q4 <= 0.18x, q3 <= 0.14x,
+  q2 <= 0.10x): q4 0.16x and q3 0.13x, about llama.cpp's Q4_0 and Q3_K sizes
+  on the discriminating reference model, and q2 0.10x.
+- The formats were measured on that model (bench_quantize.py --frontier): more
+  of them let the budget go where it pays (q2 with 2/64 and 4/64 only: +8.3%
+  perplexity at 0.095x; with 2/128, 2/64 and 4/128: +5.9% at 0.0996x, the same
+  as with 4/64 too; q4 with 8/64 for the tensors that need it: +0.13% at 0.160x,
+  against +0.34% without). Each format is one more GPTQ pass per tensor, so
+  q3 and q2 keep three: TinyLlama's q2 with four took 1361 s against about
+  590 s for one. The calibration plan (budget.py) counts the passes and the
+  sensitivity streams.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import NamedTuple
 
 from ..config import QuantLevel, QuantMethod, choices
-from .graph import WeightSite
 
 METHODS = choices(QuantMethod)
+
 AUTO_LINEAR_METHOD = "gptq"
 AUTO_EMBEDDING_METHOD = "kquant"
 # MatMulNBits computes with int8 activations: on the reference model q4 decodes about 2x faster than
@@ -34,19 +46,41 @@ AUTO_EMBEDDING_METHOD = "kquant"
 ACCURACY_LEVEL = 4
 
 
+class Format(NamedTuple):
+    bits: int
+    block: int
+
+    def __str__(self) -> str:
+        return f"{self.bits}/{self.block}"
+
+
 @dataclass(frozen=True)
 class Level:
     name: str
-    bits: tuple[int, ...]  # the widths tensors may get
-    target_bits: float  # average bits per quantized weight
-    block_size: int
+    formats: tuple[Format, ...]  # what a tensor may get, cheapest first
+    size_budget: float  # every byte of the ONNX files over the fp32 weights' bytes
     summary: str
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        return tuple(sorted({f.bits for f in self.formats}))
+
+    def with_block(self, block: int | None) -> tuple[Format, ...]:
+        """The formats with --block-size imposed (one format per width), or as the level has them."""
+        if block is None:
+            return self.formats
+        return tuple(Format(bits, block) for bits in self.bits)
 
 
 LEVELS: dict[str, Level] = {
-    "q4": Level("q4", (4,), 4.0, 32, "4 bits per weight, blocks of 32"),
-    "q3": Level("q3", (2, 4), 3.0, 32, "2 or 4 bits per tensor by measured sensitivity, 3.0 bits on average, blocks of 32"),
-    "q2": Level("q2", (2,), 2.0, 64, "2 bits per weight, blocks of 64"),
+    "q4": Level("q4", (Format(4, 64), Format(4, 32), Format(8, 64)), 0.16,
+                "4 bits per weight in blocks of 64 or 32, 8 where measured sensitivity pays for it; "
+                "within 0.16x of the fp32 size"),
+    "q3": Level("q3", (Format(2, 128), Format(4, 128), Format(4, 64)), 0.13,
+                "2 or 4 bits per tensor in blocks of 128 or 64 by measured sensitivity; within 0.13x of the fp32 size"),
+    "q2": Level("q2", (Format(2, 128), Format(2, 64), Format(4, 128)), 0.10,
+                "2 bits per weight in blocks of 128 or 64, 4 where measured sensitivity pays for it; "
+                "within 0.10x of the fp32 size"),
 }
 
 
@@ -64,29 +98,3 @@ def resolve_methods(method: str) -> tuple[str, str]:
     if method in ("rtn", "kquant"):
         return method, method
     return method, AUTO_EMBEDDING_METHOD  # gptq needs layer inputs, hqq float zero points: neither fits a Gather
-
-
-def average_bits(sites: Iterable[WeightSite], bits: Mapping[str, int]) -> float:
-    sites = list(sites)
-    total = sum(s.elements for s in sites)
-    return sum(bits[s.node] * s.elements for s in sites) / total if total else 0.0
-
-
-def allocate_bits(sites: list[WeightSite], gain: Mapping[str, float], target_bits: float,
-                  low: int = 2, high: int = 4) -> dict[str, int]:
-    """Start every tensor at `low` bits and raise to `high` those that buy the most KL per weight, within the budget.
-
-    `gain` is the KL divergence saved by giving a tensor `high` instead of `low`
-    bits (measured with every other tensor in fp32). Greedy by gain per added
-    bit, skipping tensors that no longer fit, which is how a knapsack with
-    many small items is usually filled.
-    """
-    total = sum(s.elements for s in sites)
-    budget = (target_bits - low) * total
-    bits = {s.node: low for s in sites}
-    for site in sorted(sites, key=lambda s: (-gain[s.node] / s.elements, s.node)):
-        cost = (high - low) * site.elements
-        if gain[site.node] > 0 and cost <= budget + 1e-9:
-            bits[site.node] = high
-            budget -= cost
-    return bits

@@ -22,24 +22,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..checkpoint import CheckpointReader
 from ..config import QuantizeSettings, override, shipped_config
 from ..errors import ModelDirError, UnsupportedModelError, UsageError
+from ..heap import return_large_blocks_to_the_system
 from ..modeldir import copy_support_files
 from ..onnx_decoder import OnnxDecoder
 from ..producing import Output, producing, recorded_provenance, resolve_source
 from ..progress import NULL_PROGRESS, ProgressReporter, Stopwatch
 from .budget import CalibrationPlan, calibration_cost, plan_calibration
 from .calibration import collect_hessians
-from .evaluate import compare_with_reference, reference_greedy
+from .evaluate import evaluate_quantized
 from .export import EXTERNAL_DATA_FILE, MODEL_FILE, check_supported, export_graph
 from .graph import (ExternalData, WeightSite, find_weight_sites, parameter_inputs, parameters_left,
                     parameters_to_initializers, quantized_node, symbolic_cache_dims)
 from .layerwise import LayerwiseModel
-from .levels import ACCURACY_LEVEL, Level, allocate_bits, average_bits, get_level, resolve_methods
-from .report import quantize_metadata
-from .sites import Candidate, CandidateStore, embedding_block_size, quantize_site
+from .allocate import allocate_sites, site_formats
+from .levels import ACCURACY_LEVEL, Format, Level, get_level, resolve_methods
+from .sensitivity import SAMPLE_WINDOWS, Probe, Sensitivity, head_kl, sample_embedding_rows, weights_swapped
+from .report import quantize_metadata, tensor_record
+from .sites import Candidate, CandidateStore, quantize_site
 from .tensors import ModelTensors, row_blocks
 from .texts import TextPlan, plan_texts
 
@@ -85,6 +89,7 @@ def quantize_model(
     export fails at the export with its reason.
     """
     started = time.perf_counter()
+    return_large_blocks_to_the_system()  # else the resident set grows with depth (heap.py)
     settings = override(settings or shipped_config().quantize, **overrides)
     output = Output.of(output).resolved()
     recipe = get_level(settings.level)
@@ -173,13 +178,17 @@ class _QuantizeJob:
         if not any(s.op != "Gather" for s in self.sites):
             raise UnsupportedModelError(f"--model {source_dir}: no linear layer with a weight matrix to quantize")
         self.linear_method, self.embedding_method = resolve_methods(settings.method)
-        self.block = settings.block_size or recipe.block_size
+        self.formats_of = {site.node: site_formats(site, recipe.with_block(settings.block_size))
+                           for site in self.sites}
+        formats = recipe.with_block(settings.block_size)
+        self.block = formats[0].block  # the cheapest format's, for the registry
         inputs = {node.name: node.input[0] for node in self.onnx_model.graph.node if node.input}
         self.plan: CalibrationPlan = plan_calibration(
-            calibration_cost(self.sites, inputs, self.linear_method, recipe.bits), requested=settings.method,
-            linear_method=self.linear_method, widths=recipe.bits, tokens=settings.calibration_tokens,
+            calibration_cost(self.sites, inputs, self.linear_method, formats, len(self.reference.layers),
+                             SAMPLE_WINDOWS * _window(self.reference.text_config)), requested=settings.method,
+            linear_method=self.linear_method, widths=formats, tokens=settings.calibration_tokens,
             minutes=settings.calibration_minutes, window=_window(self.reference.text_config))
-        if self.plan.tokens or len(recipe.bits) > 1 or self.linear_method == "gptq":
+        if self.plan.tokens or len(formats) > 1 or self.linear_method == "gptq":
             log.info("calibration: %s (estimated %.0f s at %.0f GFLOPS)", self.plan.reason,
                      self.plan.estimated_seconds, self.plan.matmul_gflops)
         self.linear_method = self.plan.linear_method
@@ -201,32 +210,26 @@ class _QuantizeJob:
     def run(self) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         import onnx
 
-        widths = self.recipe.bits
         data = ExternalData(self.quant_path.with_name(EXTERNAL_DATA_FILE))
-        store = CandidateStore(self.scratch / "candidates.bin") if len(widths) > 1 else None
-        measured: dict[str, dict[int, Candidate]] = {}
-        records: dict[str, dict[str, Any]] = {}
-
+        store = CandidateStore(self.scratch / "candidates.bin")
+        errors: dict[str, dict[Format, float]] = {}
         placing = {"seconds": 0.0}
 
-        def place(site: WeightSite, method: str, hessian) -> None:
+        def place(site: WeightSite, method: str, hessian) -> dict[Format, Candidate]:
             started = time.perf_counter()
-            candidates = quantize_site(self.tensors, site, widths, method, self._block_of(site), hessian,
-                                       measure=store is not None)
-            if store is None:
-                quantized_node(self.onnx_model, site, candidates[widths[0]].quantized, data, ACCURACY_LEVEL)
-                records[site.node] = _tensor_record(site, candidates[widths[0]].quantized)
-            else:
-                for bits, candidate in candidates.items():
-                    store.put(site.node, candidate.quantized)
-                measured[site.node] = {bits: Candidate(None, c.relative_error) for bits, c in candidates.items()}
+            candidates = quantize_site(self.tensors, site, self.formats_of[site.node], method, hessian)
+            for candidate in candidates.values():
+                store.put(site.node, candidate.quantized)
+            errors[site.node] = {f: c.relative_error for f, c in candidates.items()}
             placing["seconds"] += time.perf_counter() - started
+            return candidates
 
         with self.watch.time("quantize"), self.progress.stage(
                 f"Quantizing {len(self.sites)} weight tensors ({self._describe()})", total=len(self.sites)) as advance:
             if self.plan.tokens:
-                self._calibrated(place, advance)
+                measured = self._calibrated(place, advance)
             else:
+                measured = Sensitivity()
                 for site in self.sites:
                     place(site, self._method_of(site, None), None)
                     advance(1)
@@ -234,16 +237,16 @@ class _QuantizeJob:
         self.watch.durations["quantize_weights"] = round(placing["seconds"], 3)
         if self.plan.tokens:
             self.watch.durations["calibration_forward"] = round(self.watch.durations["quantize"] - placing["seconds"], 3)
-        allocation = None
-        if store is not None:
-            with self.watch.time("allocate"):
-                allocation = self._allocate(measured)
-                for site in self.sites:
-                    chosen = store.get(site.node, allocation["bits_of"][site.node])
-                    quantized_node(self.onnx_model, site, chosen, data, ACCURACY_LEVEL)
-                    records[site.node] = _tensor_record(site, chosen, measured[site.node])
-                store.close()
-                (self.scratch / "candidates.bin").unlink()
+        records: dict[str, dict[str, Any]] = {}
+        with self.watch.time("allocate"):
+            allocation = self._allocate(errors, measured, store)
+            for site in self.sites:
+                form = allocation["format_of"][site.node]
+                chosen = store.get(site.node, form)
+                quantized_node(self.onnx_model, site, chosen, data, ACCURACY_LEVEL)
+                records[site.node] = tensor_record(site, chosen, allocation["predicted_kl"][site.node])
+            store.close()
+            (self.scratch / "candidates.bin").unlink()
         with self.watch.time("write"), self.progress.stage("Writing the quantized model"):
             parameters_to_initializers(self.onnx_model, [self._fp32(data, name) for name in parameters_left(self.onnx_model)])
             symbolic_cache_dims(self.onnx_model)
@@ -252,26 +255,78 @@ class _QuantizeJob:
             copy_support_files(self.source_dir, self.quant_path.parent)
         return [records[s.node] for s in self.sites], allocation
 
-    def _calibrated(self, place, advance) -> None:
+    def _calibrated(self, place, advance) -> Sensitivity:
+        """Calibrate a layer at a time, quantizing each layer's tensors while its Hessians exist, and measure
+        each group's KL on a sample carried beside the batch (sensitivity.py) when there is a choice to make."""
         by_layer: dict[int | None, list[WeightSite]] = {}
         for site in self.sites:
             layer = self.reference.layer_of(site.param) if site.op != "Gather" else None
             by_layer.setdefault(layer, []).append(site)
+        outside = by_layer.get(None, [])
+        windows = self.texts.calibration[:, :-1]
+        choosing = any(len(f) > 1 for f in self.formats_of.values())
+        probe = Probe(min(SAMPLE_WINDOWS, len(windows))) if choosing else None
+        embedding_sample = None  # (rows, quantized rows) of the sample's tokens, for the embedding's stream
+        for site in outside:  # the embedding first (it needs no Hessian), so its stream starts at layer 0
+            if site.role == "embedding":
+                candidates = place(site, self._method_of(site, None), None)
+                if probe is not None and embedding_sample is None:
+                    embedding_sample = sample_embedding_rows(self.reference, windows[: probe.sample],
+                                                             candidates[self.formats_of[site.node][0]].quantized)
+                del candidates  # a 128k vocabulary's candidates are a GiB: only the sample's rows are kept
+                advance(1)
+        last_layer = len(self.reference.layers) - 1
+        seen: dict[str, torch.Tensor] = {}
+        measured_skips: dict[str, str] = {}
 
-        def on_layer(index, hessians):
+        def on_layer(index, hessians, layer, call):
+            nonlocal probe
+            if probe is not None and index == 0 and not probe.verify(layer, call):
+                measured_skips.update(probe.skipped)
+                probe = None
+            if probe is not None and index == 0 and embedding_sample is not None:
+                probe.start_embedding(call, *embedding_sample)
+            if probe is not None:
+                probe.advance(layer, call)
+            placed = {}
             for site in by_layer.get(index, []):
                 hessian = hessians.get(site.param)
                 matrix = hessian.matrix() if hessian is not None else None
-                place(site, self._method_of(site, matrix), matrix)
+                placed[site] = place(site, self._method_of(site, matrix), matrix)
                 advance(1)
+            if probe is not None and placed:
+                cheapest = {site: (candidates[self.formats_of[site.node][0]].quantized, site.param, site.stored_nk)
+                            for site, candidates in placed.items()}
+                probe.start_layer(f"layer {index}", layer, call,
+                                  lambda: weights_swapped(layer, self.reference.layer_prefix(index), cheapest.values()))
+            if index == last_layer and probe is not None:
+                seen["last"] = call.hidden_out[: probe.sample].clone()
 
-        windows = self.texts.calibration[:, :-1]
         wanted = {site.param for site in self.sites if site.op != "Gather"}
-        head = collect_hessians(self.reference, windows, wanted, on_layer)
-        for site in by_layer.get(None, []):
+        head, hidden = collect_hessians(self.reference, windows, wanted, on_layer)
+        measured = Sensitivity(skipped=measured_skips)
+        reference_logits = None
+        if probe is not None:
+            reference_hidden = hidden[: probe.sample]
+            reference_logits = self.reference.logits(reference_hidden)
+            if "last" in seen and torch.allclose(self.reference.final(seen["last"]), reference_hidden,
+                                                 rtol=1e-4, atol=1e-4):
+                probe.finish(self.reference.final, self.reference.logits, reference_logits)
+                measured.groups.update(probe.measured)
+            else:
+                probe.skipped["all"] = "the final norm could not be found and run again on other hidden states"
+            measured.skipped.update(probe.skipped)
+        for site in outside:
+            if site.role == "embedding":
+                continue
             matrix = head.matrix() if site.role == "lm_head" else None
-            place(site, self._method_of(site, matrix), matrix)
+            candidates = place(site, self._method_of(site, matrix), matrix)
             advance(1)
+            if probe is not None and site.role == "lm_head":
+                measured.exact[site.node] = {
+                    f: head_kl(self.reference, hidden[: probe.sample], c.quantized, reference_logits)
+                    for f, c in candidates.items()}
+        return measured
 
     def _method_of(self, site: WeightSite, hessian) -> str:
         if site.op == "Gather":
@@ -280,27 +335,31 @@ class _QuantizeJob:
             return "rtn"
         return self.linear_method
 
-    def _block_of(self, site: WeightSite) -> int:
-        return embedding_block_size(site.k, self.block) if site.op == "Gather" else self.block
-
     def _describe(self) -> str:
         if self.linear_method == self.embedding_method:
             return self.linear_method
         return f"{self.linear_method}, {self.embedding_method} for the embedding"
 
-    def _allocate(self, measured: dict[str, dict[int, Candidate]]) -> dict[str, Any]:
-        low, high = min(self.recipe.bits), max(self.recipe.bits)
-        gains = {node: errors[low].relative_error - errors[high].relative_error for node, errors in measured.items()}
-        bits = allocate_bits(self.sites, gains, self.recipe.target_bits, low, high)
-        weighted = "on calibration text" if self.plan.tokens else "on the weights alone (no calibration)"
-        return {
-            "target_bits": self.recipe.target_bits,
-            "bits": round(average_bits(self.sites, bits), 4),
-            "criterion": f"relative output error saved per weight by {high} instead of {low} bits, measured "
-                         f"{weighted}, greedy within the budget",
-            "raised": [s.name for s in self.sites if bits[s.node] == high],
-            "bits_of": bits,
-        }
+    def _allocate(self, errors: dict[str, dict[Format, float]], measured: Sensitivity,
+                  store: CandidateStore) -> dict[str, Any]:
+        predicted = measured.predict(self.sites, errors, self.formats_of, self.reference.layer_of)
+        fraction = self.settings.size_budget or self.recipe.size_budget
+        allocation = allocate_sites(self.sites, self.formats_of, predicted, store.nbytes,
+                                    int(fraction * 4 * self.parameter_count), self._fixed_bytes())
+        if not allocation["within_budget"]:
+            log.warning("the cheapest format of every tensor already exceeds %s's budget of %.3fx the fp32 size",
+                        self.recipe.name, fraction)
+        return {"size_budget": fraction, **allocation,
+                "formats": [str(f) for f in self.recipe.with_block(self.settings.block_size)],
+                "criterion": measured.criterion(), "sensitivity": measured.as_dict()}
+
+    def _fixed_bytes(self) -> int:
+        """What the files hold besides the quantized tensors: the graph (with a margin for the quantized
+        nodes and initializer entries) and every parameter left in fp32."""
+        quantized = {site.param for site in self.sites}
+        left = sum(4 * int(np.prod(shape)) for name, shape in parameter_inputs(self.onnx_model).items()
+                   if name not in quantized)
+        return self.onnx_model.ByteSize() + 160 * (4 * len(self.sites)) + left
 
     def _fp32(self, data: ExternalData, name: str):
         shape = self.tensors.shape(name)
@@ -322,48 +381,10 @@ class _QuantizeJob:
         onnx.save_model(graph, str(onnx_dir / MODEL_FILE))
         copy_support_files(self.source_dir, onnx_dir)
 
-    # -- --test ----------------------------------------------------------------------------------------------
-
     def evaluate(self, decoder: OnnxDecoder, prompt: str) -> tuple[dict[str, Any], dict[str, str]]:
-        texts = self.texts
         with self.watch.time("evaluate"):
-            with self.progress.stage("Evaluating against the fp32 model", total=len(texts.evaluation)) as advance:
-                figures = compare_with_reference(self.reference, decoder, texts.evaluation, advance)
-            with self.progress.stage("Greedy completion of the prompt"):
-                tokenizer = _tokenizer(self.source_dir)
-                ids = tokenizer(prompt)["input_ids"]
-                eos = {tokenizer.eos_token_id} - {None}
-                completions = {
-                    "fp32": tokenizer.decode(reference_greedy(self.reference, ids, COMPLETION_TOKENS, eos),
-                                             skip_special_tokens=True),
-                    "quantized": tokenizer.decode(decoder.greedy(ids, COMPLETION_TOKENS, eos), skip_special_tokens=True),
-                }
-        quality = {
-            **figures.as_dict(),
-            "reference": "transformers, fp32, run from the checkpoint a layer at a time",
-            "eval": texts.evaluation_source,
-            "window_tokens": int(texts.evaluation.shape[1] - 1) if len(texts.evaluation) else 0,
-            "completion": {"prompt": prompt, "max_new_tokens": COMPLETION_TOKENS, **completions},
-        }
-        return quality, completions
-
-
-def _tensor_record(site: WeightSite, quantized, errors: dict[int, Candidate] | None = None) -> dict[str, Any]:
-    record = {
-        "name": site.name,
-        "parameter": site.param,
-        "op": site.op,
-        "role": site.role,
-        "shape": [site.k, site.n],
-        "bits": quantized.bits,
-        "block_size": quantized.block_size,
-        "method": quantized.method,
-        "bytes": quantized.nbytes,
-        "fp32_bytes": site.elements * 4,
-    }
-    if errors:
-        record["relative_error_by_bits"] = {str(b): round(c.relative_error, 8) for b, c in errors.items()}
-    return record
+            return evaluate_quantized(self.reference, decoder, self.texts, _tokenizer(self.source_dir), prompt,
+                                      COMPLETION_TOKENS, self.progress)
 
 
 def _smoke_test(model_path: Path) -> OnnxDecoder:

@@ -55,7 +55,10 @@ def quantize_metadata(*, source, recipe, block, method, plan, embedding_method, 
         "calibration": calibration,
     }
     if allocation:
-        quantization["allocation"] = {k: allocation[k] for k in ("target_bits", "bits", "criterion", "raised")}
+        quantization["allocation"] = {k: v for k, v in allocation.items() if k not in ("format_of", "predicted_kl")}
+        quantization["formats_histogram"] = {
+            f"{bits}/{block}": sum(1 for t in tensors if (t["bits"], t["block_size"]) == (bits, block))
+            for bits, block in sorted({(t["bits"], t["block_size"]) for t in tensors})}
     document = {
         "quantization": quantization,
         "sizes": {
@@ -77,3 +80,22 @@ def quantize_metadata(*, source, recipe, block, method, plan, embedding_method, 
     if quality is not None:
         document["quality"] = quality
     return document
+
+
+def tensor_record(site, quantized, predicted: dict | None = None) -> dict[str, Any]:
+    """One entry of metadata.json's `tensors`: the site, the format it got, its predicted KL in each format."""
+    record = {
+        "name": site.name,
+        "parameter": site.param,
+        "op": site.op,
+        "role": site.role,
+        "shape": [site.k, site.n],
+        "bits": quantized.bits,
+        "block_size": quantized.block_size,
+        "method": quantized.method,
+        "bytes": quantized.nbytes,
+        "fp32_bytes": site.elements * 4,
+    }
+    if predicted and len(predicted) > 1:
+        record["predicted_kl_by_format"] = {str(f): float(f"{kl:.4g}") for f, kl in predicted.items()}
+    return record

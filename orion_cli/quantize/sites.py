@@ -4,13 +4,13 @@ A site's weight is read a block of output features at a time (tensors.py),
 quantized, and the blocks joined: every method here treats output features
 independently (GPTQ too, given the Hessian), so the result is the same as
 for the whole tensor, and memory is one block's. While a block is in hand,
-its output error is measured for q3's allocation: tr(D^T H D) / tr(W^T H W),
+its output error is measured for the allocation (sensitivity.py turns it into KL): tr(D^T H D) / tr(W^T H W),
 D the quantization error, H the Hessian of the layer's inputs (the identity
 when there is none), i.e. how much of the layer's output on calibration
 text the rounding changes.
 
-Candidates of q3 (each site at 2 and at 4 bits) wait in a scratch file
-(CandidateStore) until the allocation picks one per site.
+The candidates (each site in each of its level's formats) wait in a
+scratch file (CandidateStore) until the allocation picks one per site.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from .blockwise import BlockQuantized, join_outputs, quantize_weight
 from .gptq import GptqFactor, quantize_gptq
 from .graph import ExternalData, WeightSite
+from .levels import Format
 from .tensors import ModelTensors, row_blocks
 
 
@@ -45,32 +46,31 @@ def embedding_block_size(hidden: int, block_size: int) -> int:
     return size
 
 
-def quantize_site(tensors: ModelTensors, site: WeightSite, widths: tuple[int, ...], method: str, block_size: int,
-                  hessian: torch.Tensor | None = None, measure: bool = False) -> dict[int, Candidate]:
-    """The site quantized at each of `widths` bits with `method` (gptq needs `hessian`); with `measure`,
-    each candidate's relative output error too."""
+def quantize_site(tensors: ModelTensors, site: WeightSite, formats: tuple[Format, ...], method: str,
+                  hessian: torch.Tensor | None = None) -> dict[Format, Candidate]:
+    """The site quantized in each of `formats` with `method` (gptq needs `hessian`), each with its relative
+    output error."""
     factor: GptqFactor | None = None
     if method == "gptq":
         from .gptq import gptq_factor
 
         factor = gptq_factor(hessian)
-    parts: dict[int, list[BlockQuantized]] = {bits: [] for bits in widths}
-    error = {bits: 0.0 for bits in widths}
+    parts: dict[Format, list[BlockQuantized]] = {f: [] for f in formats}
+    error = {f: 0.0 for f in formats}
     energy = 0.0
     for start, stop in row_blocks(site.n, site.k):
         weight = tensors.weight_kn(site.param, site.stored_nk, start, stop)
         reference = torch.from_numpy(weight)
-        if measure:
-            energy += _energy(reference, hessian)
-        for bits in widths:
-            part = quantize_gptq(weight, factor, bits, block_size) if factor is not None \
-                else quantize_weight(weight, bits, block_size, method)
-            parts[bits].append(part)
-            if measure:
-                error[bits] += _energy(torch.from_numpy(part.dequantize()) - reference, hessian)
+        energy += _energy(reference, hessian)
+        for f in formats:
+            # at 8 bits the rounding error is a 256th of a block's range: GPTQ's feedback buys nothing there
+            # for a full pass, so 8-bit formats are onnxruntime's round-to-nearest
+            part = quantize_gptq(weight, factor, f.bits, f.block) if factor is not None and f.bits < 8 \
+                else quantize_weight(weight, f.bits, f.block, "rtn" if method == "gptq" else method)
+            parts[f].append(part)
+            error[f] += _energy(torch.from_numpy(part.dequantize()) - reference, hessian)
         del weight, reference
-    return {bits: Candidate(join_outputs(parts[bits]), error[bits] / energy if energy > 0 else 0.0)
-            for bits in widths}
+    return {f: Candidate(join_outputs(parts[f]), error[f] / energy if energy > 0 else 0.0) for f in formats}
 
 
 def _energy(weight_kn: torch.Tensor, hessian: torch.Tensor | None) -> float:
@@ -87,17 +87,21 @@ class CandidateStore:
 
     def __init__(self, path: Path):
         self.data = ExternalData(path)
-        self.entries: dict[tuple[str, int], tuple[BlockQuantized, list[onnx.TensorProto]]] = {}
+        self.entries: dict[tuple[str, Format], tuple[BlockQuantized, list[onnx.TensorProto]]] = {}
 
     def put(self, key: str, candidate: BlockQuantized) -> None:
         protos = [self.data.tensor(f"{key}.{field}", getattr(candidate, field)) for field in self.FIELDS]
         stub = BlockQuantized(*(None,) * 3, candidate.bits, candidate.block_size, candidate.k, candidate.n,
                               candidate.method)
-        self.entries[(key, candidate.bits)] = (stub, protos)
+        self.entries[(key, Format(candidate.bits, candidate.block_size))] = (stub, protos)
 
-    def get(self, key: str, bits: int) -> BlockQuantized:
+    def nbytes(self, key: str, form: Format) -> int:
+        return sum(int(np.prod(p.dims)) * onnx.helper.tensor_dtype_to_np_dtype(p.data_type).itemsize
+                   for p in self.entries[(key, form)][1])
+
+    def get(self, key: str, form: Format) -> BlockQuantized:
         self.data.flush()
-        stub, protos = self.entries[(key, bits)]
+        stub, protos = self.entries[(key, form)]
         arrays = []
         for proto in protos:
             where = {entry.key: entry.value for entry in proto.external_data}
