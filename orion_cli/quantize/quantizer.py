@@ -276,11 +276,11 @@ class _QuantizeJob:
                 del candidates  # a 128k vocabulary's candidates are a GiB: only the sample's rows are kept
                 advance(1)
         last_layer = len(self.reference.layers) - 1
-        seen: dict[str, torch.Tensor] = {}
+        last_hidden: torch.Tensor | None = None  # the sample's rows out of the last layer, to check the final norm
         measured_skips: dict[str, str] = {}
 
         def on_layer(index, hessians, layer, call):
-            nonlocal probe
+            nonlocal probe, last_hidden
             if probe is not None and index == 0 and not probe.verify(layer, call):
                 measured_skips.update(probe.skipped)
                 probe = None
@@ -300,7 +300,7 @@ class _QuantizeJob:
                 probe.start_layer(f"layer {index}", layer, call,
                                   lambda: weights_swapped(layer, self.reference.layer_prefix(index), cheapest.values()))
             if index == last_layer and probe is not None:
-                seen["last"] = call.hidden_out[: probe.sample].clone()
+                last_hidden = call.hidden_out[: probe.sample].clone()
 
         wanted = {site.param for site in self.sites if site.op != "Gather"}
         head, hidden = collect_hessians(self.reference, windows, wanted, on_layer)
@@ -309,7 +309,7 @@ class _QuantizeJob:
         if probe is not None:
             reference_hidden = hidden[: probe.sample]
             reference_logits = self.reference.logits(reference_hidden)
-            if "last" in seen and torch.allclose(self.reference.final(seen["last"]), reference_hidden,
+            if last_hidden is not None and torch.allclose(self.reference.final(last_hidden), reference_hidden,
                                                  rtol=1e-4, atol=1e-4):
                 probe.finish(self.reference.final, self.reference.logits, reference_logits)
                 measured.groups.update(probe.measured)

@@ -27,6 +27,7 @@ model at every level.
 from __future__ import annotations
 
 import logging
+import statistics
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -207,7 +208,7 @@ class Sensitivity:
             if group is not None:
                 errors_in[group] = errors_in.get(group, 0.0) + errors[site.node][formats_of[site.node][0]]
         scales = {g: kl / errors_in[g] for g, kl in self.groups.items() if errors_in.get(g, 0.0) > 0}
-        fallback = float(torch.tensor(sorted(scales.values())).median()) if scales else 1.0
+        fallback = statistics.median_low(scales.values()) if scales else 1.0
         predicted = {}
         for site in sites:
             if site.node in self.exact:
