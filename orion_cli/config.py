@@ -141,6 +141,9 @@ class ServeSettings(_Section):
                                           metavar="CODEC")
     max_batch_size: int = Setting("Requests decoded together (continuous batching).", ge=1)
     max_model_len: int = Setting("Prompt + completion tokens per request.", ge=1)
+    prefix_cache_mib: int = Setting("MiB of recent prompts' key/value caches the onnxruntime engine keeps, so a "
+                                    "request that starts the same way prefills only the rest; 0 turns it off.",
+                                    ge=0, metavar="MIB")
     dtype: Dtype = Setting("Weight and activation dtype (on CPU, half precision needs native instructions: "
                            "AVX512-BF16/AMX-BF16 or AVX512-FP16/AMX-FP16; float32 otherwise).")
     max_restarts: int = Setting("Restarts of the worker group after a failure.", ge=0)

@@ -131,3 +131,26 @@ def test_echo_scores_the_prompt_with_the_onnx_models_logits(server, quantized_di
     scored = response.json()["choices"][0]["logprobs"]["token_logprobs"]
     assert scored[0] is None and len(scored) == len(ids)
     assert max(abs(scored[i] - reference[i - 1, ids[i]]) for i in range(1, len(ids))) < 1e-4
+
+
+def test_a_prompt_that_starts_like_an_earlier_one_prefills_only_the_rest(server, quantized_dir, tiny_llama):
+    """The prefix cache: the same tokens as generate() without one, and /metrics counts what was reused."""
+    from serve_testing import metric, tokenize
+
+    first = "def prefix_cache_probe(rows):\n    total = 0\n    for row in rows:"
+    longer = first + "\n        total +="
+    outputs, hits, queries = [], [], []
+    for prompt in (first, first, longer):
+        before = (metric(server.url, "vllm:prefix_cache_hits_total") or 0.0,
+                  metric(server.url, "vllm:prefix_cache_queries_total") or 0.0)
+        response = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+            "model": "tiny-q4", "prompt": prompt, "max_tokens": 8, "temperature": 0, "return_token_ids": True})
+        outputs.append(response.json()["choices"][0]["token_ids"])
+        hits.append(metric(server.url, "vllm:prefix_cache_hits_total") - before[0])
+        queries.append(metric(server.url, "vllm:prefix_cache_queries_total") - before[1])
+    assert outputs == [ort_greedy(quantized_dir / "quantized", p, 8) for p in (first, first, longer)]
+    first_ids, longer_ids = tokenize(tiny_llama, first), tokenize(tiny_llama, longer)
+    shared = next(i for i, (a, b) in enumerate(zip(first_ids + [-1], longer_ids)) if a != b)
+    assert queries == [len(first_ids), len(first_ids), len(longer_ids)]
+    # the repeat reuses all but its last token; the longer prompt its shared start with the first
+    assert hits[1:] == [len(first_ids) - 1, shared]

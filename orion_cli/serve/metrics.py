@@ -56,6 +56,10 @@ class ServeMetrics:
                                               "use (1 means full).", model, registry=r))
         self.prompt_tokens = per_model(Counter("vllm:prompt_tokens", "Prompt tokens prefilled.", model, registry=r))
         self.generation_tokens = per_model(Counter("vllm:generation_tokens", "Tokens generated.", model, registry=r))
+        self.prefix_cache_queries = per_model(Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in "
+                                                      "the prefix cache.", model, registry=r))
+        self.prefix_cache_hits = per_model(Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix "
+                                                   "cache (not computed again).", model, registry=r))
         self.request_success = _PerModel(Counter("vllm:request_success", "Requests finished, by reason.",
                                                  model + ["finished_reason"], registry=r), model_name)
 

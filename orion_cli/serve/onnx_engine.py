@@ -14,6 +14,9 @@ column. Only a change of the batch (a prefill, a finished request, a slot
 move) splits it back into slots, and the next step pads once. Padding every
 step instead cost 36% of a single stream's time at 600 tokens on the 88M
 model of benchmarks/serve_peer.py.
+
+A prefill first looks in the prefix cache (prefix_cache.py) for the
+longest already computed start of its prompt, and runs only the rest.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import numpy as np
 from ..errors import UsageError
 from ..onnx_decoder import OnnxDecoder
 from .options import ServeError, ServeJob, ServeSummary, decoder_file
+from .plans import recompute_position
+from .prefix_cache import PrefixCache
 from .protocol import StepPlan
 from .sampling import Sampler
 
@@ -36,7 +41,7 @@ log = logging.getLogger("orion_cli.serve")
 class OnnxRunner:
     """The scheduler's StepRunner over one OnnxDecoder."""
 
-    def __init__(self, decoder: OnnxDecoder):
+    def __init__(self, decoder: OnnxDecoder, prefix_cache_bytes: int = 0, recompute_at: int | None = None):
         import torch
 
         self.torch = torch
@@ -48,6 +53,9 @@ class OnnxRunner:
         self.live: _LiveBatch | None = None  # slots 0..rows-1 after the last decode step, not yet split
         self.sampler = Sampler()
         self.weight_bytes = 0
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        # Phi-3's longrope computes a prompt past this position with other factors: such prompts never reuse
+        self.recompute_at = recompute_at
 
     def run(self, plan: StepPlan) -> Any:
         if self.live is not None and not self.live.continues(plan):
@@ -60,11 +68,14 @@ class OnnxRunner:
             return [self.stats()]
         if plan.kind == "prefill":
             wanted = self.sampler.wants_prompt_logprobs(plan.request_ids)
-            every = [self._prefill(plan.first_slot + row, tokens, want)
-                     for row, (tokens, want) in enumerate(zip(plan.tokens, wanted))]
+            every, cached = zip(*[self._prefill(plan.first_slot + row, tokens, want)
+                                  for row, (tokens, want) in enumerate(zip(plan.tokens, wanted))])
             last = self.torch.from_numpy(np.stack([logits[-1] for logits in every]))
             scored = [self.torch.from_numpy(logits) if want else None for logits, want in zip(every, wanted)]
-            return self.sampler.sample(last, plan.request_ids, plan.tokens, scored)
+            results = self.sampler.sample(last, plan.request_ids, plan.tokens, scored)
+            for result, reused in zip(results, cached):
+                result.cached_prompt_tokens = reused
+            return results
         if plan.kind == "decode":
             logits = self._decode(plan.tokens, plan.starts)
             return self.sampler.sample(self.torch.from_numpy(logits), plan.request_ids)
@@ -74,11 +85,18 @@ class OnnxRunner:
         self.slots.clear()
         self.live = None
 
-    def _prefill(self, slot: int, tokens: list[int], every_position: bool) -> np.ndarray:
-        """[positions, vocab] logits: every position when scoring the prompt, else the last only."""
-        logits, presents = self.decoder.run(np.array([tokens], dtype=np.int64), None, None, None)
+    def _prefill(self, slot: int, tokens: list[int], every_position: bool) -> tuple[np.ndarray, int]:
+        """([positions, vocab] logits: every position when scoring the prompt, else the last only; how many
+        prompt positions came from the prefix cache)."""
+        cached, past = 0, None
+        reusable = self.recompute_at is None or len(tokens) <= self.recompute_at
+        if self.prefix_cache is not None and not every_position and reusable:
+            cached, past = self.prefix_cache.reuse(tokens)
+        logits, presents = self.decoder.run(np.array([tokens[cached:]], dtype=np.int64), None, None, past)
         self.slots[slot] = presents
-        return (logits[0] if every_position else logits[0, -1:]).astype(np.float32)
+        if self.prefix_cache is not None and reusable:
+            self.prefix_cache.add(tokens, presents)
+        return (logits[0] if every_position else logits[0, -1:]).astype(np.float32), cached
 
     def _decode(self, tokens: list[list[int]], starts: list[int]) -> np.ndarray:
         ids = np.array(tokens, dtype=np.int64)
@@ -116,7 +134,9 @@ class OnnxRunner:
     def stats(self) -> dict[str, Any]:
         import psutil
 
-        cache = sum(a.nbytes for arrays in self.slots.values() for a in arrays)
+        held = [a for arrays in self.slots.values() for a in arrays]
+        held += self.prefix_cache.arrays() if self.prefix_cache is not None else []
+        cache = sum({id(a): a.nbytes for a in held}.values())  # a prefilled slot and its cache entry share arrays
         if self.live is not None:
             itemsize = np.dtype(self.decoder.past_dtype).itemsize
             cache += sum(int(np.prod(value.shape())) * itemsize for value in self.live.presents)
@@ -164,7 +184,7 @@ def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None
     except Exception as exc:  # noqa: BLE001 - onnxruntime and transformers raise many kinds
         raise ServeError(f"MODEL_DIR {model.root}: cannot be loaded by onnxruntime "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    runner = OnnxRunner(decoder)
+    runner = OnnxRunner(decoder, settings.prefix_cache_mib * 2**20, recompute_position(config))
     runner.weight_bytes = model.weight_bytes
     text_config = config.get_text_config()
     max_positions = getattr(text_config, "max_position_embeddings", None) or settings.max_model_len

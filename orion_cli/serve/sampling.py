@@ -39,6 +39,7 @@ class Sampled:
     logprob: TokenLogprob | None = None  # when the request asked for log-probabilities
     prompt: list[TokenLogprob | None] | None = None  # prefill of a request scoring its prompt; None for token 0
     error: str | None = None  # this request failed; the others did not
+    cached_prompt_tokens: int = 0  # prefill: prompt positions taken from the prefix cache instead of computed
 
 
 class _History:

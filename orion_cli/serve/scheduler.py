@@ -329,6 +329,8 @@ class Scheduler:
         event = Event(prompt_tokens=len(request.prompt_ids))
         if not sequence.generated and not sequence.first_token_at:  # this request's prefill
             self.metrics.prompt_tokens.inc(len(request.prompt_ids))
+            self.metrics.prefix_cache_queries.inc(len(request.prompt_ids))
+            self.metrics.prefix_cache_hits.inc(result.cached_prompt_tokens)
             self.metrics.prefill_time.observe(now - sequence.admitted_at)
             event.prompt_logprobs = result.prompt
             if request.max_tokens == 0:  # scoring the prompt only (echo with max_tokens 0)
