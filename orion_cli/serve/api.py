@@ -19,7 +19,9 @@ import functools
 import json
 import logging
 import secrets
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -261,10 +263,10 @@ async def planned(planner: Any, body: Any, served: ServedModel) -> Plan:
 
 async def respond(request: Request, scheduler: Scheduler, served: ServedModel, metrics: ServeMetrics, body: Any,
                   plan: Plan, chat: bool, prompt_texts: list[str] | None = None):
-    loop = asyncio.get_running_loop()
+    mailbox = _Mailbox.of(asyncio.get_running_loop())
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     try:
-        ids = scheduler.submit_all([(sequence, functools.partial(_deliver, loop, queue, index))
+        ids = scheduler.submit_all([(sequence, functools.partial(mailbox.post, queue, index))
                                     for index, sequence in enumerate(plan.sequences)])
     except EngineUnavailable as exc:
         raise unavailable(str(exc)) from None
@@ -299,8 +301,40 @@ async def respond(request: Request, scheduler: Scheduler, served: ServedModel, m
     return await run_in_threadpool(reply.full, states, prompt_texts or [])
 
 
-def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int, event: Event) -> None:
-    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+class _Mailbox:
+    """Events from the engine thread into one event loop's request queues, with one wake-up per burst.
+
+    A decode step delivers an event to every running request at once; waking
+    the loop for each (call_soon_threadsafe writes its self-pipe) cost a system
+    call and a loop iteration per token.
+    """
+
+    _by_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, tuple[int, Event]]] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "_Mailbox":
+        mailbox = cls._by_loop.get(loop)
+        if mailbox is None:
+            mailbox = cls._by_loop[loop] = cls(loop)
+        return mailbox
+
+    def post(self, queue: asyncio.Queue, index: int, event: Event) -> None:
+        with self.lock:
+            self.pending.append((queue, (index, event)))
+            if len(self.pending) > 1:  # a flush is scheduled and has not run yet: it takes this one too
+                return
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
 
 
 async def _disconnected(request: Request) -> None:
@@ -335,7 +369,10 @@ async def _stream(queue: asyncio.Queue, scheduler: Scheduler, ids: list[int], re
                 echoed.add(index)
             if echo or event.text or event.logprobs or event.prompt_logprobs or event.finish_reason or \
                     (reply.with_token_ids and event.token_ids):
-                yield sse_line(await run_in_threadpool(reply.chunk, index, event, echo))
+                if event.logprobs or event.prompt_logprobs:  # token strings: tokenizer work, off the event loop
+                    yield sse_line(await run_in_threadpool(reply.chunk, index, event, echo))
+                else:  # a text chunk is one small dict: a thread hop per token cost more than building it here
+                    yield sse_line(reply.chunk(index, event, echo))
             if event.finish_reason:
                 left.discard(index)
         if include_usage:
