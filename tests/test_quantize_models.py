@@ -131,8 +131,12 @@ def test_q4_is_close_to_fp32_and_generates_in_optimum(arch, quantize_models, tmp
 # q3 and q2 take the same formats and differ only in budget: q2 on every architecture, q3 on one
 @pytest.mark.parametrize("arch,level", [(arch, "q2") for arch in QUANTIZE_ARCHITECTURES] + [("llama", "q3")])
 def test_q3_and_q2_generate_in_optimum(arch, level, quantize_models, tmp_path):
+    from orion_cli.quantize.sensitivity import SAMPLE_WINDOWS
+
     result = quantize_model(quantize_models[arch], tmp_path / level, level=level, method="rtn")
-    check_allocation(result.metadata, level, measured=False)
+    check_allocation(result.metadata, level, measured=True)
+    # round-to-nearest needs no Hessians: only the sensitivity sample is calibrated (was all 8192 tokens)
+    assert result.metadata["quantization"]["calibration"]["text"]["windows"] == SAMPLE_WINDOWS
     check_loads_and_generates(result.model_dir)
 
 

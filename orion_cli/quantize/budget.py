@@ -100,10 +100,15 @@ def calibration_cost(sites: Iterable[WeightSite], inputs: dict[str, str], linear
 
 
 def plan_calibration(cost: CalibrationCost, *, requested: str, linear_method: str, widths: tuple,
-                     tokens: int, minutes: float, window: int) -> CalibrationPlan:
+                     tokens: int, minutes: float, window: int, sample_tokens: int) -> CalibrationPlan:
     if linear_method != "gptq" and len(widths) == 1:
         return CalibrationPlan(linear_method, 0, 0.0, 0.0, "no calibration needed")
     gflops = measure_gflops()
+    if linear_method != "gptq":  # no Hessians to collect: only the sensitivity streams' sample runs
+        chosen = min(tokens, sample_tokens)
+        return CalibrationPlan(linear_method, chosen, cost.seconds(chosen, gflops), gflops,
+                               f"{chosen} calibration tokens, the sensitivity sample ({linear_method} needs no "
+                               "Hessians)")
     if requested != "auto":
         return CalibrationPlan(linear_method, tokens, cost.seconds(tokens, gflops), gflops,
                                f"--method {requested}: {tokens} calibration tokens as configured")

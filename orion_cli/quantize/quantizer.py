@@ -187,7 +187,8 @@ class _QuantizeJob:
             calibration_cost(self.sites, inputs, self.linear_method, formats, len(self.reference.layers),
                              SAMPLE_WINDOWS * _window(self.reference.text_config)), requested=settings.method,
             linear_method=self.linear_method, widths=formats, tokens=settings.calibration_tokens,
-            minutes=settings.calibration_minutes, window=_window(self.reference.text_config))
+            minutes=settings.calibration_minutes, window=_window(self.reference.text_config),
+            sample_tokens=SAMPLE_WINDOWS * _window(self.reference.text_config))
         if self.plan.tokens or len(formats) > 1 or self.linear_method == "gptq":
             log.info("calibration: %s (estimated %.0f s at %.0f GFLOPS)", self.plan.reason,
                      self.plan.estimated_seconds, self.plan.matmul_gflops)
@@ -302,7 +303,7 @@ class _QuantizeJob:
             if index == last_layer and probe is not None:
                 last_hidden = call.hidden_out[: probe.sample].clone()
 
-        wanted = {site.param for site in self.sites if site.op != "Gather"}
+        wanted = {site.param for site in self.sites if site.op != "Gather"} if self.linear_method == "gptq" else set()
         head, hidden = collect_hessians(self.reference, windows, wanted, on_layer)
         measured = Sensitivity(skipped=measured_skips)
         reference_logits = None
