@@ -38,6 +38,7 @@ QuantMethod = Literal["auto", "gptq", "rtn", "kquant", "hqq"]
 MergeMethod = Literal["linear", "slerp", "ties", "dare", "dare_linear"]
 Dtype = Literal["float32", "float16", "bfloat16"]
 ServeEngine = Literal["auto", "torch", "onnxruntime"]
+OnnxAttention = Literal["auto", "exported"]
 Backend = Literal["auto", "nccl", "gloo"]
 # Codecs of a pipeline-stage link: `auto` sends small tensors raw; `json` is for debugging only (5x the bytes).
 LinkCodec = Literal["raw", "zstd", "fp16", "bf16", "int8", "fp16+zstd", "bf16+zstd", "int8+zstd", "auto", "json"]
@@ -141,6 +142,10 @@ class ServeSettings(_Section):
                                           metavar="CODEC")
     max_batch_size: int = Setting("Requests decoded together (continuous batching).", ge=1)
     max_model_len: int = Setting("Prompt + completion tokens per request.", ge=1)
+    onnx_attention: OnnxAttention = Setting("onnxruntime engine: auto runs each layer's attention as onnxruntime's "
+                                            "GroupQueryAttention over a static KV cache where the graph's "
+                                            "attention is recognized; exported keeps the graph's own (its cache "
+                                            "is copied every step).")
     prefix_cache_mib: int = Setting("MiB of recent prompts' key/value caches the onnxruntime engine keeps, so a "
                                     "request that starts the same way prefills only the rest; 0 turns it off.",
                                     ge=0, metavar="MIB")

@@ -18,14 +18,21 @@ NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tens
 
 
 class OnnxDecoder:
-    def __init__(self, model: str | Path, threads: int | None = None, extra_inputs: Iterable[str] = ()):
+    def __init__(self, model: str | Path, threads: int | None = None, extra_inputs: Iterable[str] = (),
+                 graph: bytes | None = None):
+        """`graph`: a rewritten copy of `model`'s graph to run instead (serve/onnx_attention.py), its external
+        data still read from beside `model`."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        if graph is not None:
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(Path(model).resolve().parent))
+        self.session = ort.InferenceSession(graph if graph is not None else str(model), options,
+                                            providers=["CPUExecutionProvider"])
         extra = set(extra_inputs)
         inputs = {i.name: i for i in self.session.get_inputs() if i.name not in extra}
         self.input_names = set(inputs)

@@ -115,3 +115,15 @@ def assert_prompt_scoring_matches(url: str, model: str, model_dir, text: str = "
                             timeout=120)
         assert answer.status_code == status, answer.text
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def kl_divergence(reference, other) -> float:
+    """Mean KL(reference || other) over positions of two [positions, vocab] logit arrays."""
+    import numpy as np
+
+    def log_softmax(x):
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    p, q = log_softmax(reference), log_softmax(other)
+    return float((np.exp(p) * (p - q)).sum(-1).mean())

@@ -42,11 +42,14 @@ def quantized_dir(tiny_llama, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def server(quantized_dir, tmp_path_factory):
+# auto: GroupQueryAttention over a static KV cache (serve/onnx_static.py); exported: the graph's own attention,
+# as models the rewrite does not recognize are served (serve/onnx_engine.py)
+@pytest.fixture(scope="module", params=["auto", "exported"])
+def server(request, quantized_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("serve-onnx")
     register_model(quantized_dir, "tiny-q4", work / "models.json")
-    with serving("tiny-q4", "--port", "0", cwd=work) as process:
+    with serving("tiny-q4", "--port", "0", "--onnx-attention", request.param, cwd=work) as process:
+        process.attention = request.param
         yield process
 
 
@@ -86,6 +89,8 @@ def test_models_endpoint_shows_the_registry_entry(server):
     card = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]
     assert card["id"] == "tiny-q4"
     assert card["orion"]["engine"] == "onnxruntime"
+    expected = "GroupQueryAttention, static KV cache" if server.attention == "auto" else "exported (--onnx-attention"
+    assert card["orion"]["attention"].startswith(expected)
     assert card["orion"]["registry"]["format"] == "onnx"
     assert card["orion"]["registry"]["id"] == "tiny-q4"
 
@@ -154,3 +159,36 @@ def test_a_prompt_that_starts_like_an_earlier_one_prefills_only_the_rest(server,
     assert queries == [len(first_ids), len(first_ids), len(longer_ids)]
     # the repeat reuses all but its last token; the longer prompt its shared start with the first
     assert hits[1:] == [len(first_ids) - 1, shared]
+
+
+def test_the_static_cache_grows_and_keeps_each_rows_positions(quantized_dir):
+    """Two requests of different lengths, the longer past the first capacity (256 positions, doubled to 512),
+    decoded together: each row scores what the exported graph scores for it alone."""
+    import numpy as np
+    from transformers import AutoConfig
+
+    from orion_cli.onnx_decoder import OnnxDecoder
+    from orion_cli.serve.onnx_serving import onnx_runner
+    from orion_cli.serve.onnx_static import CAPACITY_START, StaticCacheRunner
+    from serve_testing import kl_divergence
+
+    graph = quantized_dir / "quantized" / "model.onnx"
+    config = AutoConfig.from_pretrained(quantized_dir / "quantized").get_text_config()
+    runner = onnx_runner(graph, config, attention="auto", max_batch_size=2, max_model_len=600, prefix_cache_bytes=0,
+                         recompute_at=None)
+    assert isinstance(runner, StaticCacheRunner)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 200, 9).tolist(), rng.integers(1, 200, CAPACITY_START + 40).tolist()]
+    exported = OnnxDecoder(graph)
+    pasts = []
+    for slot, prompt in enumerate(prompts):
+        ours, _ = runner._prefill(slot, prompt, every_position=True)
+        reference, past = exported.run(np.array([prompt]), None, None, None)
+        pasts.append(past)
+        assert kl_divergence(reference[0], ours) < 1e-3
+    assert runner.capacity == 2 * CAPACITY_START
+    for step, tokens in enumerate([[3], [5]] for _ in range(3)):
+        ours = runner._decode(tokens, [len(p) + step for p in prompts])
+        for row, prompt in enumerate(prompts):
+            reference, pasts[row] = exported.run(np.array([tokens[row]]), None, None, pasts[row])
+            assert kl_divergence(reference[0], ours[row:row + 1]) < 1e-3

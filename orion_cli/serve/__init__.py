@@ -8,8 +8,10 @@ rank's place and its stage of the model), api (FastAPI routes), schemas
 sequences), replies (response bodies and streams), scheduler (continuous
 batching), metrics, stage / plans / attention / tp (any transformers model,
 split by its plans), stage_link (stage-to-stage transfer), sampling
-(penalties, sampling, log-probabilities), text, onnx_engine (quantized ONNX
-models in onnxruntime, one process)."""
+(penalties, sampling, log-probabilities), text, and for ONNX models in
+onnxruntime, one process: onnx_serving (the engine's entry), onnx_attention
+(the graph's attention as GroupQueryAttention), onnx_static (its static KV
+cache), onnx_engine (the exported attention), prefix_cache."""
 
 from .launcher import serve
 from .options import ServeError, ServeSummary

@@ -40,7 +40,7 @@ def serve(model: str | Path, settings: ServeSettings | None = None, *, codec: Co
     check_common(job.settings)
     model_dir, model_id, entry = resolve_model(job)
     if choose_engine(job.settings, model_dir) == "onnxruntime":
-        from .onnx_engine import serve_onnx
+        from .onnx_serving import serve_onnx
 
         return serve_onnx(job, model_dir, model_id, entry, on_event)
     spec = check_torch_options(job, model_dir, model_id, entry)

@@ -21,7 +21,6 @@ longest already computed start of its prompt, and runs only the rest.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -29,14 +28,9 @@ import numpy as np
 
 from ..errors import UsageError
 from ..onnx_decoder import OnnxDecoder
-from .options import ServeError, ServeJob, ServeSummary, decoder_file
-from .plans import recompute_position
 from .prefix_cache import PrefixCache
 from .protocol import StepPlan
 from .sampling import Sampler
-
-log = logging.getLogger("orion_cli.serve")
-
 
 class OnnxRunner:
     """The scheduler's StepRunner over one OnnxDecoder."""
@@ -53,6 +47,7 @@ class OnnxRunner:
         self.live: _LiveBatch | None = None  # slots 0..rows-1 after the last decode step, not yet split
         self.sampler = Sampler()
         self.weight_bytes = 0
+        self.attention = "exported"  # what runs each layer's attention, for /v1/models and the log
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
         # Phi-3's longrope computes a prompt past this position with other factors: such prompts never reuse
         self.recompute_at = recompute_at
@@ -61,7 +56,7 @@ class OnnxRunner:
         if self.live is not None and not self.live.continues(plan):
             self._split_live()
         for source, target in plan.moves:
-            self.slots[target] = self.slots.pop(source)
+            self._move(source, target)
         self.sampler.release(plan.release)
         self.sampler.admit(plan.admit)
         if plan.kind == "stats":
@@ -80,6 +75,9 @@ class OnnxRunner:
             logits = self._decode(plan.tokens, plan.starts)
             return self.sampler.sample(self.torch.from_numpy(logits), plan.request_ids)
         return None
+
+    def _move(self, source: int, target: int) -> None:
+        self.slots[target] = self.slots.pop(source)
 
     def shutdown(self) -> None:
         self.slots.clear()
@@ -156,68 +154,3 @@ class _LiveBatch:
         if plan.moves or plan.kind == "prefill":
             return False
         return plan.kind != "decode" or list(plan.starts) == self.starts
-
-
-def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None, on_event) -> ServeSummary:
-    """Serve an ONNX directory in this process until SIGTERM/SIGINT."""
-    from .control import bind_listening_socket
-    from .driver import eos_token_ids, serve_http
-
-    settings = job.settings
-    ignored = [flag for flag, value, neutral in (("--tp", settings.tp, 1), ("--pp", settings.pp, 1),
-                                                 ("--nnodes", settings.nnodes, 1),
-                                                 ("--pp-split", settings.pp_split, None))
-               if value != neutral]
-    if ignored:
-        raise UsageError(f"{'/'.join(ignored)}: the onnxruntime engine serves {model.root} in one process; "
-                         "use --engine torch (or auto) to serve it with tensor/pipeline parallelism")
-    if settings.dtype != "float32":
-        log.warning("--dtype %s: ignored for ONNX models, which run in the dtypes they were exported with",
-                    settings.dtype)
-    from transformers import AutoConfig, AutoTokenizer
-
-    graph = decoder_file(model)
-    try:
-        decoder = OnnxDecoder(graph)
-        tokenizer = AutoTokenizer.from_pretrained(model.path)
-        config = AutoConfig.from_pretrained(model.path)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime and transformers raise many kinds
-        raise ServeError(f"MODEL_DIR {model.root}: cannot be loaded by onnxruntime "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    runner = OnnxRunner(decoder, settings.prefix_cache_mib * 2**20, recompute_position(config))
-    runner.weight_bytes = model.weight_bytes
-    text_config = config.get_text_config()
-    max_positions = getattr(text_config, "max_position_embeddings", None) or settings.max_model_len
-    max_model_len = min(settings.max_model_len, max_positions)
-    if max_model_len < settings.max_model_len:
-        log.warning("--max-model-len %d exceeds the model's %d positions; using %d",
-                    settings.max_model_len, max_positions, max_model_len)
-    try:
-        sock = bind_listening_socket(settings.host, settings.port)
-    except OSError as exc:
-        raise ServeError(f"--host {settings.host} --port {settings.port}: cannot listen there "
-                         f"({exc.strerror})") from None
-    from .api import ServedModel
-
-    quantization = (model.metadata or {}).get("quantization")
-    served = ServedModel(
-        id=model_id, root=str(model.path.resolve()), max_model_len=max_model_len, tokenizer=tokenizer,
-        vocab_size=text_config.vocab_size,
-        metadata={"orion": {"engine": "onnxruntime", "architecture": model.architecture,
-                            **({"quantization": quantization} if quantization else {}),
-                            **({"registry": entry} if entry else {})}},
-    )
-    summary = ServeSummary(model_id, "onnxruntime", None, 1, 0, 1, 1)
-    with sock:
-        result = serve_http(runner, served, sock, eos=eos_token_ids(model.path, tokenizer),
-                            max_batch_size=settings.max_batch_size, api_key=settings.api_key,
-                            drain_timeout=settings.drain_timeout,
-                            max_request_bytes=settings.max_request_bytes, verbose=job.verbose,
-                            announce=lambda event: event.get("event") == "summary" or on_event(event),
-                            describe={"engine": "onnxruntime", "tp": 1, "pp": 1})
-    summary.url = result["url"]
-    summary.requests, summary.generated_tokens = result["requests"], result["generated_tokens"]
-    summary.stopped_by, summary.drained = result["stopped_by"], result["drained"]
-    if result["failure"]:
-        raise ServeError(f"onnxruntime failed: {result['failure']}")
-    return summary

@@ -1,0 +1,114 @@
+"""The onnxruntime engine over a graph whose attention is GroupQueryAttention (onnx_attention.py): a static KV cache.
+
+Each past input is one buffer [slots, kv_heads, capacity, head_dim], bound
+through IO binding as both the past and the present of every step, so
+GroupQueryAttention writes the new positions in place. Rows are slots: a
+decode step binds rows 0..n-1 (the scheduler keeps running requests in the
+lowest slots) with each row's own length in `seqlens_k`, so no row is padded
+and nothing is copied. A prefill binds its slot's row alone (onnxruntime's
+GroupQueryAttention continues a prompt after a cached prefix only at batch
+1), after copying in what the prefix cache holds. The capacity doubles when
+a request needs it, up to --max-model-len, as the torch engine's slot cache
+does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..onnx_decoder import OnnxDecoder
+from .onnx_attention import SEQLENS, TOTAL
+from .onnx_engine import OnnxRunner
+
+CAPACITY_START = 256
+
+
+class StaticCacheRunner(OnnxRunner):
+    def __init__(self, decoder: OnnxDecoder, *, slots: int, max_len: int, kv_heads: int, head_dim: int,
+                 prefix_cache_bytes: int = 0, recompute_at: int | None = None):
+        super().__init__(decoder, prefix_cache_bytes, recompute_at)
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.max_len = max_len
+        self.capacity = min(CAPACITY_START, max_len)
+        self.lengths: dict[int, int] = {}  # slot -> positions cached
+        self.buffers = [np.zeros((slots, kv_heads, self.capacity, head_dim), dtype=decoder.past_dtype)
+                        for _ in decoder.past_names]
+        self._bound: dict[tuple[int, int], list] = {}  # (first row, rows) -> OrtValues over those rows
+        self.attention = "GroupQueryAttention, static KV cache"
+
+    def _move(self, source: int, target: int) -> None:
+        length = self.lengths.pop(source)
+        for buffer in self.buffers:
+            buffer[target, :, :length] = buffer[source, :, :length]
+        self.lengths[target] = length
+
+    def _prefill(self, slot: int, tokens: list[int], every_position: bool) -> tuple[np.ndarray, int]:
+        self._reserve(len(tokens))
+        cached, past = 0, None
+        reusable = self.recompute_at is None or len(tokens) <= self.recompute_at
+        if self.prefix_cache is not None and not every_position and reusable:
+            cached, past = self.prefix_cache.reuse(tokens)
+        for buffer, array in zip(self.buffers, past or []):
+            buffer[slot, :, :cached] = array[0]
+        logits = self._step(np.array([tokens[cached:]], dtype=np.int64), [cached], slot, 1)
+        self.lengths[slot] = len(tokens)
+        if self.prefix_cache is not None and reusable:
+            self.prefix_cache.add(tokens, [buffer[slot:slot + 1, :, :len(tokens)].copy() for buffer in self.buffers])
+        return (logits[0] if every_position else logits[0, -1:]).astype(np.float32), cached
+
+    def _decode(self, tokens: list[list[int]], starts: list[int]) -> np.ndarray:
+        self._reserve(max(starts) + 1)
+        logits = self._step(np.array(tokens, dtype=np.int64), starts, 0, len(starts))
+        for row, start in enumerate(starts):
+            self.lengths[row] = start + 1
+        return logits[:, -1].astype(np.float32)
+
+    def _step(self, ids: np.ndarray, starts: list[int], first: int, rows: int) -> np.ndarray:
+        """Logits of `ids` [rows, width] for slots first..first+rows-1, each row's positions after its `starts`."""
+        width = ids.shape[1]
+        binding = self.decoder.session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("position_ids", np.array(starts, dtype=np.int64)[:, None] + np.arange(width))
+        binding.bind_cpu_input(SEQLENS, np.array(starts, dtype=np.int32) + (width - 1))
+        binding.bind_cpu_input(TOTAL, np.array(max(starts) + width, dtype=np.int32))
+        binding.bind_output("logits", "cpu")
+        for past, present, value in zip(self.decoder.past_names, self.decoder.present_names, self._rows(first, rows)):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        self.decoder.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def _rows(self, first: int, rows: int) -> list:
+        key = (first, rows)
+        if key not in self._bound:
+            self._bound[key] = [self.ort.OrtValue.ortvalue_from_numpy(buffer[first:first + rows])
+                                for buffer in self.buffers]
+        return self._bound[key]
+
+    def _reserve(self, length: int) -> None:
+        if length <= self.capacity:
+            return
+        capacity = self.capacity
+        while capacity < length:
+            capacity *= 2
+        capacity = min(capacity, self.max_len)
+        grown = []
+        for buffer in self.buffers:
+            bigger = np.zeros(buffer.shape[:2] + (capacity,) + buffer.shape[3:], dtype=buffer.dtype)
+            bigger[:, :, :self.capacity] = buffer
+            grown.append(bigger)
+        self.buffers, self.capacity = grown, capacity
+        self._bound.clear()
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self._bound.clear()
+
+    def stats(self) -> dict[str, Any]:
+        figures = super().stats()
+        figures["kv_cache_bytes"] += sum(buffer.nbytes for buffer in self.buffers)
+        return figures
