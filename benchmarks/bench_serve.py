@@ -469,6 +469,8 @@ def main() -> int:
     parser.add_argument("--model", default="88m", help="--peer: 88m (built here), tinyllama, or a model directory")
     parser.add_argument("--rounds", type=int, default=2, help="--peer: interleaved rounds")
     parser.add_argument("--systems", help="--peer: which systems, comma-separated (default: all)")
+    parser.add_argument("--prompt-words", type=int, default=0,
+                        help="--peer: this many words of text before the question (long-context decoding)")
     parser.add_argument("--child-generate", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_generate:

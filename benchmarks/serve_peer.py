@@ -13,6 +13,9 @@ Systems (same checkpoint for all):
   orion q4 (ort)       orion quantize --level q4 --method rtn, served by onnxruntime
   orion q4 (torch)     the same directory on the torch engine (--engine torch): torch's int4 kernel
 
+`--prompt-words N` puts N words of text before the question, for decoding at
+long contexts (the context per request grows to fit).
+
 Each request is a streamed chat completion through the openai client, greedy,
 exactly --tokens tokens (ignore_eos), counted from the final `usage` chunk.
 "1 stream": median tokens/s of --repeats sequential requests; "8 clients":
@@ -40,7 +43,18 @@ from llama_cpp import convert_command, tool
 from measure import concurrently
 from server_process import ServerProcess
 
-MESSAGES = [{"role": "user", "content": "Write a Python function that parses a CSV file and returns the rows."}]
+QUESTION = "Write a Python function that parses a CSV file and returns the rows."
+MESSAGES = [{"role": "user", "content": QUESTION}]  # --prompt-words puts a longer text before the question
+
+
+def long_prompt(words: int) -> list[dict[str, str]]:
+    """A chat whose user message carries `words` words of Python's own documentation before the question."""
+    import pydoc
+
+    text = " ".join(pydoc.render_doc(str, renderer=pydoc.plaintext).split())
+    while len(text.split()) < words:
+        text += " " + text
+    return [{"role": "user", "content": " ".join(text.split()[:words]) + "\n\n" + QUESTION}]
 SYSTEMS = ("llama.cpp F32", "orion fp32", "llama.cpp Q4_0", "orion q4 (ort)", "orion q4 (torch)")
 PEERS = {"llama.cpp F32": "orion fp32", "llama.cpp Q4_0": "orion q4"}
 
@@ -107,8 +121,8 @@ class LlamaServer:
 
 class OrionServer:
     def __init__(self, model: Path, *args: str, workdir: Path):
-        self.server = ServerProcess(model, "--port", "0", "--max-batch-size", "8", "--max-model-len", "512", *args,
-                                    cwd=workdir).start()
+        self.server = ServerProcess(model, "--port", "0", "--max-batch-size", "8", "--max-model-len", str(CONTEXT),
+                                    *args, cwd=workdir).start()
         self.server.wait_ready(600)
         self.url = self.server.url
         self.model = httpx.get(f"{self.url}/v1/models", timeout=30).json()["data"][0]["id"]
@@ -218,7 +232,7 @@ def run(args, model: Path) -> dict[str, Figures]:
     files = artifacts(model, workdir)
     systems = [s for s in SYSTEMS if not args.systems or s in args.systems.split(",")]
     figures = {system: Figures() for system in systems}
-    context = 512
+    context = CONTEXT
     for round_index in range(args.rounds):
         for system in systems:
             for what in ("single", "clients"):  # a fresh server per measurement
@@ -260,7 +274,14 @@ def table(model: Path, figures: dict[str, Figures]) -> str:
     return "\n".join(lines)
 
 
+CONTEXT = 512  # positions per request (llama-server: per slot); --prompt-words raises it
+
+
 def main(args) -> int:
+    global MESSAGES, CONTEXT
+    if args.prompt_words:
+        MESSAGES = long_prompt(args.prompt_words)
+        CONTEXT = 512 + 4 * args.prompt_words  # a word is two to three and a half tokens of these tokenizers
     if args.model == "88m":
         model = build_88m(args.workdir / "llama-88m")
     elif args.model == "tinyllama":
