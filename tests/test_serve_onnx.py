@@ -192,3 +192,20 @@ def test_the_static_cache_grows_and_keeps_each_rows_positions(quantized_dir):
         for row, prompt in enumerate(prompts):
             reference, pasts[row] = exported.run(np.array([tokens[row]]), None, None, pasts[row])
             assert kl_divergence(reference[0], ours[row:row + 1]) < 1e-3
+
+
+def test_a_rewritten_graph_onnxruntime_refuses_falls_back_to_the_exported_attention(quantized_dir):
+    """A config that misstates the head size: the static cache's buffers do not fit the graph, the load-time probe
+    fails, and the model is served with its exported attention, saying why."""
+    from transformers import AutoConfig
+
+    from orion_cli.serve.onnx_engine import OnnxRunner
+    from orion_cli.serve.onnx_serving import onnx_runner
+    from orion_cli.serve.onnx_static import StaticCacheRunner
+
+    config = AutoConfig.from_pretrained(quantized_dir / "quantized").get_text_config()
+    config.head_dim = 2 * (config.hidden_size // config.num_attention_heads)
+    runner = onnx_runner(quantized_dir / "quantized" / "model.onnx", config, attention="auto", max_batch_size=2,
+                         max_model_len=64, prefix_cache_bytes=0, recompute_at=None)
+    assert isinstance(runner, OnnxRunner) and not isinstance(runner, StaticCacheRunner)
+    assert runner.attention.startswith("exported (onnxruntime refused the rewritten graph: ")

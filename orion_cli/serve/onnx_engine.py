@@ -1,4 +1,5 @@
-"""ONNX models (the output of `orion quantize`) served by onnxruntime in one process, behind the same API.
+"""ONNX models in onnxruntime with the exported graph's own attention: the runner for graphs onnx_attention.py
+does not rewrite (onnx_static.py runs the others; onnx_serving.py picks).
 
 The model runs through orion's one ONNX runner (onnx_decoder.OnnxDecoder,
 sharded external data included), which reads the cache's shape from the graph. The scheduler
@@ -31,6 +32,7 @@ from ..onnx_decoder import OnnxDecoder
 from .prefix_cache import PrefixCache
 from .protocol import StepPlan
 from .sampling import Sampler
+
 
 class OnnxRunner:
     """The scheduler's StepRunner over one OnnxDecoder."""

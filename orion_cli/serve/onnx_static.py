@@ -40,6 +40,10 @@ class StaticCacheRunner(OnnxRunner):
         self._bound: dict[tuple[int, int], list] = {}  # (first row, rows) -> OrtValues over those rows
         self.attention = "GroupQueryAttention, static KV cache"
 
+    def probe(self) -> None:
+        """One two-token prefill into slot 0 (whatever it leaves there, the slot's next prefill overwrites)."""
+        self._step(np.array([[0, 0]], dtype=np.int64), [0], 0, 1)
+
     def _move(self, source: int, target: int) -> None:
         length = self.lengths.pop(source)
         for buffer in self.buffers:
