@@ -209,3 +209,18 @@ def test_a_rewritten_graph_onnxruntime_refuses_falls_back_to_the_exported_attent
                          max_model_len=64, prefix_cache_bytes=0, recompute_at=None)
     assert isinstance(runner, OnnxRunner) and not isinstance(runner, StaticCacheRunner)
     assert runner.attention.startswith("exported (onnxruntime refused the rewritten graph: ")
+
+
+def test_models_without_rotary_positions_keep_their_exported_attention(quantized_dir):
+    """The rewrite replaces the graph's mask with the op's causal one; an ALiBi bias would ride on that mask."""
+    from transformers import AutoConfig
+
+    from orion_cli.serve.onnx_serving import onnx_runner
+    from orion_cli.serve.onnx_static import StaticCacheRunner
+
+    config = AutoConfig.from_pretrained(quantized_dir / "quantized").get_text_config()
+    config.alibi = True  # as Falcon's configs say it
+    runner = onnx_runner(quantized_dir / "quantized" / "model.onnx", config, attention="auto", max_batch_size=2,
+                         max_model_len=64, prefix_cache_bytes=0, recompute_at=None)
+    assert not isinstance(runner, StaticCacheRunner)
+    assert runner.attention.startswith("exported (positions that are not rotary")

@@ -18,7 +18,9 @@ nothing else between), the MatMul with the values, and the Transpose and
 Reshape back to [batch, positions, hidden] that the output projection reads.
 The scale is the product of the scalar constants multiplying query and keys.
 Anything else on that path (logit softcapping, say) and the model keeps its
-exported attention. Sliding windows become the node's local_window_size,
+exported attention. The mask Add is dropped for the op's own causal mask, so
+the rewrite is only for rotary models (onnx_serving.py checks the config):
+ALiBi's bias, for one, rides on that Add. Sliding windows become the node's local_window_size,
 layer by layer. The rotary embedding stays as exported: GroupQueryAttention
 takes the rotated query and keys, and positions come from position_ids (a
 graph without that input derives them from the cache's length, which a
@@ -98,8 +100,8 @@ class _Graph:
         value_concat = self._concat_of(f"present.{layer}.value", f"past_key_values.{layer}.value")
         scores = self._matmul_reading(f"present.{layer}.key", layer, "keys")
         weighted = self._matmul_reading(f"present.{layer}.value", layer, "values")
-        softmax = self._only(scores.output[0], "Add", layer, "the scores go to the mask Add")
-        softmax = self._only(softmax.output[0], "Softmax", layer, "the masked scores go to Softmax (no softcapping)")
+        masked = self._only(scores.output[0], "Add", layer, "the scores go to the mask Add")
+        softmax = self._only(masked.output[0], "Softmax", layer, "the masked scores go to Softmax (no softcapping)")
         probabilities = weighted.input[0]
         if probabilities != softmax.output[0]:  # torch's SDPA export: NaN rows (all masked) set to 0 first
             where = self.producer.get(probabilities)

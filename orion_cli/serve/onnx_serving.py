@@ -34,6 +34,10 @@ def onnx_runner(graph, text_config, *, attention: str, max_batch_size: int, max_
     try:
         if attention == "exported":
             raise NotRewritten("--onnx-attention exported")
+        rotary = getattr(text_config, "rope_theta", None) is not None or getattr(text_config, "rope_scaling", None)
+        if not rotary or getattr(text_config, "alibi", False):
+            raise NotRewritten("positions that are not rotary: a bias on the attention mask, which the rewrite "
+                               "replaces, may carry them (ALiBi)")
         rewritten = rewrite_attention(onnx.load(str(graph), load_external_data=False),
                                       Heads(heads, kv_heads, head_dim), sliding_windows(text_config))
     except NotRewritten as why:
