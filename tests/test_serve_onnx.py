@@ -224,3 +224,12 @@ def test_models_without_rotary_positions_keep_their_exported_attention(quantized
                          max_model_len=64, prefix_cache_bytes=0, recompute_at=None)
     assert not isinstance(runner, StaticCacheRunner)
     assert runner.attention.startswith("exported (positions that are not rotary")
+
+
+def test_a_graph_without_a_key_value_cache_is_refused_as_a_usage_error(orion, tiny_llama, tmp_path):
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(tiny_llama), output=tmp_path / "no-past", task="text-generation", do_validation=False)
+    result = orion("serve", tmp_path / "no-past", "--engine", "onnxruntime", "--port", "0")
+    assert result.exit_code == 2, result.stderr
+    assert "has no key/value cache inputs" in result.stderr and len(result.stderr.strip().splitlines()) == 1

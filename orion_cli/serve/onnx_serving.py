@@ -95,6 +95,8 @@ def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None
                              max_batch_size=settings.max_batch_size, max_model_len=max_model_len,
                              prefix_cache_bytes=settings.prefix_cache_mib * 2**20,
                              recompute_at=recompute_position(config))
+    except UsageError:  # a graph without key/value cache inputs: the user's to fix, exit code 2
+        raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime and transformers raise many kinds
         raise ServeError(f"MODEL_DIR {model.root}: cannot be loaded by onnxruntime "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
