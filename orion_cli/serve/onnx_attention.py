@@ -32,12 +32,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 SEQLENS = "seqlens_k"  # int32 [batch]: each row's length after this step, minus one
 TOTAL = "total_sequence_length"  # int32 scalar: the longest row's length after this step
 _PASS_THROUGH = {"Unsqueeze", "Expand", "Reshape", "Transpose", "Mul"}  # repeat_kv, the keys' transpose, scaling
+_BSH_SHAPE = np.array([0, 0, -1], dtype=np.int64)  # Reshape's 0 keeps batch and positions: [B, S, heads*head_dim]
 
 
 class NotRewritten(Exception):
@@ -74,15 +76,6 @@ def rewrite_attention(model: onnx.ModelProto, heads: Heads, windows: dict[int, i
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
-
-
-def _bsh_shape():
-    import numpy as np
-
-    return np.array([0, 0, -1], dtype=np.int64)
-
-
-_BSH_SHAPE = _bsh_shape()
 
 
 class _Graph:
