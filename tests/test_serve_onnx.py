@@ -168,8 +168,9 @@ def test_the_static_cache_grows_and_keeps_each_rows_positions(quantized_dir):
     from transformers import AutoConfig
 
     from orion_cli.onnx_decoder import OnnxDecoder
+    from orion_cli.serve.attention import CACHE_GROWTH_START
     from orion_cli.serve.onnx_serving import onnx_runner
-    from orion_cli.serve.onnx_static import CAPACITY_START, StaticCacheRunner
+    from orion_cli.serve.onnx_static import StaticCacheRunner
     from serve_testing import kl_divergence
 
     graph = quantized_dir / "quantized" / "model.onnx"
@@ -178,7 +179,7 @@ def test_the_static_cache_grows_and_keeps_each_rows_positions(quantized_dir):
                          recompute_at=None)
     assert isinstance(runner, StaticCacheRunner)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(1, 200, 9).tolist(), rng.integers(1, 200, CAPACITY_START + 40).tolist()]
+    prompts = [rng.integers(1, 200, 9).tolist(), rng.integers(1, 200, CACHE_GROWTH_START + 40).tolist()]
     exported = OnnxDecoder(graph)
     pasts = []
     for slot, prompt in enumerate(prompts):
@@ -186,7 +187,7 @@ def test_the_static_cache_grows_and_keeps_each_rows_positions(quantized_dir):
         reference, past = exported.run(np.array([prompt]), None, None, None)
         pasts.append(past)
         assert kl_divergence(reference[0], ours) < 1e-3
-    assert runner.capacity == 2 * CAPACITY_START
+    assert runner.capacity == 2 * CACHE_GROWTH_START
     for step, tokens in enumerate([[3], [5]] for _ in range(3)):
         ours = runner._decode(tokens, [len(p) + step for p in prompts])
         for row, prompt in enumerate(prompts):

@@ -89,6 +89,14 @@ class Step:
         return allowed.view(self.rows, 1, 1, self.key_length)
 
 
+def grown_capacity(capacity: int, length: int, limit: int) -> int:
+    """The cache length that holds `length` positions: `capacity` doubled until it does, at most `limit` (the
+    onnxruntime engine's static cache grows the same way)."""
+    while capacity < length:
+        capacity *= 2
+    return min(capacity, limit)
+
+
 class SlotCache:
     """Keys and values [slots, kv_heads, length, head_dim] per layer, allocated on first use, grown on demand.
 
@@ -109,10 +117,7 @@ class SlotCache:
         """Make room for `length` positions per slot (copying once per doubling)."""
         if length <= self.capacity:
             return
-        capacity = self.capacity
-        while capacity < length:
-            capacity *= 2
-        capacity = min(capacity, self.max_len)
+        capacity = grown_capacity(self.capacity, length, self.max_len)
         for tensors in (self.keys, self.values):
             for layer, old in tensors.items():
                 new = old.new_zeros(old.shape[:2] + (capacity,) + old.shape[3:])

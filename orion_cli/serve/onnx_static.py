@@ -7,9 +7,9 @@ decode step binds rows 0..n-1 (the scheduler keeps running requests in the
 lowest slots) with each row's own length in `seqlens_k`, so no row is padded
 and nothing is copied. A prefill binds its slot's row alone (onnxruntime's
 GroupQueryAttention continues a prompt after a cached prefix only at batch
-1), after copying in what the prefix cache holds. The capacity doubles when
-a request needs it, up to --max-model-len, as the torch engine's slot cache
-does.
+1), after copying in what the prefix cache holds. The capacity grows as the
+torch engine's slot cache does (attention.grown_capacity), up to
+--max-model-len.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 
 from ..onnx_decoder import OnnxDecoder
+from .attention import CACHE_GROWTH_START, grown_capacity
 from .onnx_attention import SEQLENS, TOTAL
 from .onnx_engine import OnnxRunner
-
-CAPACITY_START = 256
 
 
 class StaticCacheRunner(OnnxRunner):
@@ -33,7 +32,7 @@ class StaticCacheRunner(OnnxRunner):
 
         self.ort = ort
         self.max_len = max_len
-        self.capacity = min(CAPACITY_START, max_len)
+        self.capacity = min(CACHE_GROWTH_START, max_len)
         self.lengths: dict[int, int] = {}  # slot -> positions cached
         self.buffers = [np.zeros((slots, kv_heads, self.capacity, head_dim), dtype=decoder.past_dtype)
                         for _ in decoder.past_names]
@@ -96,10 +95,7 @@ class StaticCacheRunner(OnnxRunner):
     def _reserve(self, length: int) -> None:
         if length <= self.capacity:
             return
-        capacity = self.capacity
-        while capacity < length:
-            capacity *= 2
-        capacity = min(capacity, self.max_len)
+        capacity = grown_capacity(self.capacity, length, self.max_len)
         grown = []
         for buffer in self.buffers:
             bigger = np.zeros(buffer.shape[:2] + (capacity,) + buffer.shape[3:], dtype=buffer.dtype)
