@@ -47,3 +47,12 @@ def test_a_prompt_larger_than_the_whole_budget_is_not_kept():
     cache = PrefixCache(max_bytes=100)
     cache.add([1, 2, 3, 4, 5], arrays(5))
     assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_a_prompt_past_the_longest_served_is_neither_kept_nor_reused():
+    """Phi-3's longrope computes such a prompt with other factors than the shorter ones sharing its start."""
+    cache = PrefixCache(max_bytes=10_000, longest=4)
+    cache.add([1, 2, 3, 4, 5], arrays(5))
+    assert len(cache) == 0
+    cache.add([1, 2, 3, 4], arrays(4))
+    assert cache.reuse([1, 2, 3, 4, 5]) == (0, None) and cache.reuse([1, 2, 3, 9])[0] == 3

@@ -23,7 +23,7 @@ longest already computed start of its prompt, and runs only the rest.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -50,9 +50,7 @@ class OnnxRunner:
         self.sampler = Sampler()
         self.weight_bytes = 0
         self.attention = "exported"  # what runs each layer's attention, for /v1/models and the log
-        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
-        # Phi-3's longrope computes a prompt past this position with other factors: such prompts never reuse
-        self.recompute_at = recompute_at
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, longest=recompute_at) if prefix_cache_bytes else None
 
     def run(self, plan: StepPlan) -> Any:
         if self.live is not None and not self.live.continues(plan):
@@ -88,15 +86,22 @@ class OnnxRunner:
     def _prefill(self, slot: int, tokens: list[int], every_position: bool) -> tuple[np.ndarray, int]:
         """([positions, vocab] logits: every position when scoring the prompt, else the last only; how many
         prompt positions came from the prefix cache)."""
-        cached, past = 0, None
-        reusable = self.recompute_at is None or len(tokens) <= self.recompute_at
-        if self.prefix_cache is not None and not every_position and reusable:
-            cached, past = self.prefix_cache.reuse(tokens)
+        cached, past = self._reuse(tokens, every_position)
         logits, presents = self.decoder.run(np.array([tokens[cached:]], dtype=np.int64), None, None, past)
         self.slots[slot] = presents
-        if self.prefix_cache is not None and reusable:
-            self.prefix_cache.add(tokens, presents)
+        self._remember(tokens, lambda: presents)
         return (logits[0] if every_position else logits[0, -1:]).astype(np.float32), cached
+
+    def _reuse(self, tokens: list[int], every_position: bool) -> tuple[int, list[np.ndarray] | None]:
+        """What the prefix cache holds of `tokens`' start; nothing for a prompt scored at every position."""
+        if self.prefix_cache is None or every_position:
+            return 0, None
+        return self.prefix_cache.reuse(tokens)
+
+    def _remember(self, tokens: list[int], arrays: Callable[[], list[np.ndarray]]) -> None:
+        """Keep a prefilled prompt's cache (`arrays` called only when the prefix cache will keep it)."""
+        if self.prefix_cache is not None and self.prefix_cache.keeps(tokens):
+            self.prefix_cache.add(tokens, arrays())
 
     def _decode(self, tokens: list[list[int]], starts: list[int]) -> np.ndarray:
         ids = np.array(tokens, dtype=np.int64)

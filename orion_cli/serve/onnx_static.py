@@ -51,16 +51,12 @@ class StaticCacheRunner(OnnxRunner):
 
     def _prefill(self, slot: int, tokens: list[int], every_position: bool) -> tuple[np.ndarray, int]:
         self._reserve(len(tokens))
-        cached, past = 0, None
-        reusable = self.recompute_at is None or len(tokens) <= self.recompute_at
-        if self.prefix_cache is not None and not every_position and reusable:
-            cached, past = self.prefix_cache.reuse(tokens)
+        cached, past = self._reuse(tokens, every_position)
         for buffer, array in zip(self.buffers, past or []):
             buffer[slot, :, :cached] = array[0]
         logits = self._step(np.array([tokens[cached:]], dtype=np.int64), [cached], slot, 1)
         self.lengths[slot] = len(tokens)
-        if self.prefix_cache is not None and reusable:
-            self.prefix_cache.add(tokens, [buffer[slot:slot + 1, :, :len(tokens)].copy() for buffer in self.buffers])
+        self._remember(tokens, lambda: [buffer[slot:slot + 1, :, :len(tokens)].copy() for buffer in self.buffers])
         return (logits[0] if every_position else logits[0, -1:]).astype(np.float32), cached
 
     def _decode(self, tokens: list[list[int]], starts: list[int]) -> np.ndarray:

@@ -29,8 +29,11 @@ class _Entry:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, longest: int | None = None):
+        """`longest`: prompts past it are neither reused nor kept (Phi-3's longrope computes them with other
+        factors than the shorter prompts that would share their start)."""
         self.max_bytes = max_bytes
+        self.longest = longest
         self.nbytes = 0
         self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
 
@@ -40,10 +43,13 @@ class PrefixCache:
     def arrays(self) -> list[np.ndarray]:
         return [a for entry in self._entries.values() for a in entry.arrays]
 
+    def keeps(self, prompt: list[int]) -> bool:
+        return self.longest is None or len(prompt) <= self.longest
+
     def reuse(self, prompt: list[int]) -> tuple[int, list[np.ndarray] | None]:
         """(n, the first n positions' arrays) of the entry sharing the longest prefix with `prompt`, n at most
         len(prompt) - 1 so that a step is left to produce the next token's logits; (0, None) without one."""
-        if not self._entries or len(prompt) < 2:
+        if not self._entries or len(prompt) < 2 or not self.keeps(prompt):
             return 0, None
         tokens = np.asarray(prompt, dtype=np.int64)
         best_key, best = None, 0
@@ -61,6 +67,8 @@ class PrefixCache:
         return usable, [np.ascontiguousarray(a[:, :, :usable]) for a in arrays]
 
     def add(self, prompt: list[int], arrays: list[np.ndarray]) -> None:
+        if not self.keeps(prompt):
+            return
         key = tuple(prompt)
         if key in self._entries:
             self._entries.move_to_end(key)
