@@ -40,20 +40,19 @@ def onnx_runner(graph, text_config, *, attention: str, max_batch_size: int, max_
                                "replaces, may carry them (ALiBi)")
         rewritten = rewrite_attention(onnx.load(str(graph), load_external_data=False),
                                       Heads(heads, kv_heads, head_dim), sliding_windows(text_config))
+        try:  # a graph the rewrite misread fails here, at load, rather than on the first request
+            runner = StaticCacheRunner(OnnxDecoder(graph, graph=rewritten.SerializeToString()), slots=max_batch_size,
+                                       max_len=max_model_len, kv_heads=kv_heads, head_dim=head_dim,
+                                       prefix_cache_bytes=prefix_cache_bytes, recompute_at=recompute_at)
+            runner.probe()
+            return runner
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises many kinds
+            raise NotRewritten(f"onnxruntime refused the rewritten graph: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:200]}") from None
     except NotRewritten as why:
         runner = OnnxRunner(OnnxDecoder(graph), prefix_cache_bytes, recompute_at)
         runner.attention = f"exported ({why})"
         return runner
-    try:  # a graph the rewrite misread fails here, at load, rather than on the first request
-        runner = StaticCacheRunner(OnnxDecoder(graph, graph=rewritten.SerializeToString()), slots=max_batch_size,
-                                   max_len=max_model_len, kv_heads=kv_heads, head_dim=head_dim,
-                                   prefix_cache_bytes=prefix_cache_bytes, recompute_at=recompute_at)
-        runner.probe()
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many kinds
-        reason = f"onnxruntime refused the rewritten graph: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        runner = OnnxRunner(OnnxDecoder(graph), prefix_cache_bytes, recompute_at)
-        runner.attention = f"exported ({reason})"
-    return runner
 
 
 def sliding_windows(text_config) -> dict[int, int]:
