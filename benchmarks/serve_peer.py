@@ -8,7 +8,9 @@ measurement (started, warmed with one request, measured, stopped), on:
 
 Systems (same checkpoint for all):
   llama.cpp F32        llama-server -np 8 -t 2 on convert_hf_to_gguf.py's F32 GGUF
-  orion fp32           orion serve on the safetensors checkpoint (torch engine)
+  orion fp32 (ort)     orion serve --engine onnxruntime on the safetensors checkpoint: its fp32 ONNX export,
+                       made once before the rounds (timed, like llama.cpp's conversion, and not in the rounds)
+  orion fp32 (torch)   orion serve on the safetensors checkpoint (torch engine, the default for checkpoints)
   llama.cpp Q4_0       the F32 GGUF through llama-quantize Q4_0
   orion q4 (ort)       orion quantize --level q4 --method rtn, served by onnxruntime
   orion q4 (torch)     the same directory on the torch engine (--engine torch): torch's int4 kernel
@@ -38,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from orion_cli.modeldir import inspect_model_dir
+from orion_cli.serve.onnx_cache import float_model_for
 
 from llama_cpp import convert_command, tool
 from measure import concurrently
@@ -55,7 +59,8 @@ def long_prompt(words: int) -> list[dict[str, str]]:
     while len(text.split()) < words:
         text += " " + text
     return [{"role": "user", "content": " ".join(text.split()[:words]) + "\n\n" + QUESTION}]
-SYSTEMS = ("llama.cpp F32", "orion fp32", "llama.cpp Q4_0", "orion q4 (ort)", "orion q4 (torch)")
+SYSTEMS = ("llama.cpp F32", "orion fp32 (ort)", "orion fp32 (torch)", "llama.cpp Q4_0", "orion q4 (ort)",
+           "orion q4 (torch)")
 PEERS = {"llama.cpp F32": "orion fp32", "llama.cpp Q4_0": "orion q4"}
 
 
@@ -76,7 +81,12 @@ def artifacts(model: Path, workdir: Path) -> dict[str, Path]:
     if not (orion_q4 / "quantized" / "model.onnx").is_file():
         subprocess.run([sys.executable, "-m", "orion_cli", "quantize", "-m", str(model), "-o", str(orion_q4),
                         "--level", "q4", "--method", "rtn", "--force"], check=True, stdout=subprocess.DEVNULL)
-    return {"f32": f32, "q4_0": q4_0, "orion_q4": orion_q4}
+    cache = workdir / "cache"  # XDG_CACHE_HOME of the fp32 (ort) servers: orion's cache is cache/orion
+    started = time.perf_counter()
+    exported = float_model_for(inspect_model_dir(model), cache / "orion")
+    print(f"orion fp32 ONNX export: {exported.path} ({time.perf_counter() - started:.1f} s, 0 if it was cached)",
+          file=sys.stderr)
+    return {"f32": f32, "q4_0": q4_0, "orion_q4": orion_q4, "cache": cache}
 
 
 # -- servers ---------------------------------------------------------------------------------------------------
@@ -120,9 +130,9 @@ class LlamaServer:
 
 
 class OrionServer:
-    def __init__(self, model: Path, *args: str, workdir: Path):
+    def __init__(self, model: Path, *args: str, workdir: Path, env: dict[str, str] | None = None):
         self.server = ServerProcess(model, "--port", "0", "--max-batch-size", "8", "--max-model-len", str(CONTEXT),
-                                    *args, cwd=workdir).start()
+                                    *args, cwd=workdir, env=env).start()
         self.server.wait_ready(600)
         self.url = self.server.url
         self.model = httpx.get(f"{self.url}/v1/models", timeout=30).json()["data"][0]["id"]
@@ -219,7 +229,10 @@ def start(system: str, model: Path, files: dict[str, Path], workdir: Path, conte
         return LlamaServer(files["f32"], 8, context)
     if system == "llama.cpp Q4_0":
         return LlamaServer(files["q4_0"], 8, context)
-    if system == "orion fp32":
+    if system == "orion fp32 (ort)":
+        return OrionServer(model, "--engine", "onnxruntime", workdir=workdir,
+                           env={"XDG_CACHE_HOME": str(files["cache"])})
+    if system == "orion fp32 (torch)":
         return OrionServer(model, workdir=workdir)
     if system == "orion q4 (ort)":
         return OrionServer(files["orion_q4"], "--engine", "onnxruntime", workdir=workdir)

@@ -127,8 +127,9 @@ class ShardSettings(_Section):
 class ServeSettings(_Section):
     host: str = Setting("Address to bind.")
     port: int = Setting("HTTP port (0 picks a free one).", ge=0, le=65535)
-    engine: ServeEngine = Setting("torch (torchrun ranks, --tp/--pp) or onnxruntime (one process, ONNX models "
-                                  "only); auto: onnxruntime for an ONNX model served whole, else torch.")
+    engine: ServeEngine = Setting("torch (torchrun ranks, --tp/--pp) or onnxruntime (one process; a checkpoint is "
+                                  "exported to fp32 ONNX once, into cache_dir); auto: onnxruntime for an ONNX "
+                                  "model served whole, else torch.")
     tp: int = Setting("Tensor-parallel ranks per pipeline stage.", ge=1)
     pp: int = Setting("Pipeline stages (typically one per node).", ge=1)
     pp_split: str | None = Setting("Layers per stage, e.g. 10,14 (null: even).", metavar="N,M,..")

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ..config import ServeSettings, override
-from .common import JsonOpt, RegistryOpt, VerboseOpt, info, use
+from .common import JsonOpt, RegistryOpt, VerboseOpt, info, progress, use
 from .options import settings_options
 
 
@@ -26,8 +26,10 @@ def serve(
     Workers are started by torchrun (torch.distributed.run): --tp ranks per
     stage, --pp stages, over --nnodes machines. Rank 0 serves /v1/completions,
     /v1/chat/completions, /v1/models, /health and /metrics. ONNX directories
-    (orion quantize) are served by onnxruntime in one process. With --json,
-    stdout carries one JSON line when the server is ready and one when it stops.
+    (orion quantize) are served by onnxruntime in one process; so is a
+    checkpoint with --engine onnxruntime, after its fp32 ONNX export (made once,
+    kept in cache_dir). With --json, stdout carries one JSON line when the
+    server is ready and one when it stops.
 
     Examples:
 
@@ -41,6 +43,9 @@ def serve(
       orion serve ./model-q4
       orion serve ./model-q4 --tp 2
 
+      # a checkpoint on onnxruntime: its fp32 ONNX export, made on the first start and reused
+      orion serve ./tinyllama --engine onnxruntime
+
       # two machines, one stage each (run the first on 10.0.0.1):
       orion serve ./model --pp 2 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 --host 0.0.0.0
       orion serve ./model --pp 2 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29500
@@ -51,7 +56,8 @@ def serve(
     config = state.config()
     settings = override(config.serve, **(flags or {}))
     summary = run_server(model, settings, codec=config.codec, registry=state.registry_path(registry),
-                         verbose=state.verbose, on_event=lambda event: _print_event(event, state.json))
+                         cache_dir=config.cache_path, verbose=state.verbose, progress=progress(),
+                         on_event=lambda event: _print_event(event, state.json))
     _print_event(summary.as_dict(), state.json)
     if summary.drained is False:
         raise typer.Exit(1)

@@ -42,23 +42,23 @@ def check_supported(model: ModelDir, flag: str = "--model") -> None:
         )
 
 
-def export_graph(model_dir: Path, output_file: Path, trust_remote_code: bool = False) -> Path:
-    """Write the weightless graph of `model_dir` to `output_file`."""
+def export_graph(model_dir: Path, output_file: Path, trust_remote_code: bool = False, flag: str = "--model") -> Path:
+    """Write the weightless graph of `model_dir` to `output_file`; errors name `model_dir` after `flag`."""
     import warnings
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's warnings are about Python control flow, expected here
-            _export(Path(model_dir), Path(output_file), trust_remote_code)
+            _export(Path(model_dir), Path(output_file), trust_remote_code, flag)
     except OrionError:
         raise
     except Exception as exc:  # torch and optimum raise anything; its first line is the reason
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ExportError(f"--model {model_dir}: ONNX export failed: {type(exc).__name__}: {first}") from None
+        raise ExportError(f"{flag} {model_dir}: ONNX export failed: {type(exc).__name__}: {first}") from None
     return output_file
 
 
-def _export(model_dir: Path, output_file: Path, trust_remote_code: bool) -> None:
+def _export(model_dir: Path, output_file: Path, trust_remote_code: bool, flag: str) -> None:
     from itertools import chain
 
     import torch
@@ -78,7 +78,7 @@ def _export(model_dir: Path, output_file: Path, trust_remote_code: bool) -> None
                                                                    library_name="transformers")
     except (KeyError, ValueError) as exc:
         arch = (getattr(config, "architectures", None) or [config.model_type])[0]
-        raise ExportError(f"--model {model_dir}: optimum cannot export {arch} with past key values "
+        raise ExportError(f"{flag} {model_dir}: optimum cannot export {arch} with past key values "
                           f"({str(exc).splitlines()[0]})") from None
     export_config = constructor(model.config, task=CONFIG_TASK, use_past=True, use_past_in_inputs=True,
                                 int_dtype="int64", float_dtype="fp32")

@@ -36,6 +36,7 @@ from .budget import CalibrationPlan, calibration_cost, plan_calibration
 from .calibration import collect_hessians
 from .evaluate import evaluate_quantized
 from .export import EXTERNAL_DATA_FILE, MODEL_FILE, check_supported, export_graph
+from .float_model import check_shapes, fp32_initializer, write_float_model
 from .graph import (ExternalData, WeightSite, find_weight_sites, parameter_inputs, parameters_left,
                     parameters_to_initializers, quantized_node, symbolic_cache_dims)
 from .layerwise import LayerwiseModel
@@ -44,7 +45,7 @@ from .levels import ACCURACY_LEVEL, Format, Level, get_level, resolve_methods
 from .sensitivity import SAMPLE_WINDOWS, Probe, Sensitivity, head_kl, sample_embedding_rows, weights_swapped
 from .report import quantize_metadata, tensor_record
 from .sites import Candidate, CandidateStore, quantize_site
-from .tensors import ModelTensors, row_blocks
+from .tensors import ModelTensors
 from .texts import TextPlan, plan_texts
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ class _QuantizeJob:
         self.reference = LayerwiseModel(str(source_dir), self.tensors)
         self.onnx_model = onnx.load(str(graph_path), load_external_data=False)
         parameters = parameter_inputs(self.onnx_model)
-        self._check_shapes(parameters)
+        check_shapes(self.tensors, parameters)
         self.parameter_count = sum(int(np.prod(shape)) for shape in parameters.values())
         self.sites = find_weight_sites(self.onnx_model, _routers(parameters, self.reference.text_config))
         if not any(s.op != "Gather" for s in self.sites):
@@ -197,14 +198,6 @@ class _QuantizeJob:
         if self.plan.tokens or test:
             self.texts = plan_texts(_tokenizer(source_dir), source_dir, eval_path, self.plan.tokens,
                                     settings.eval_tokens if test else 0, _window(self.reference.text_config))
-
-    def _check_shapes(self, parameters: dict[str, tuple[int, ...]]) -> None:
-        """Every tensor the graph reads is in the checkpoint with the shape the config gives it."""
-        for name, shape in parameters.items():
-            stored = self.tensors.shape(name)
-            if stored != shape:
-                raise ModelDirError(f"--model {self.source_dir}: tensor {self.tensors.key(name)} has shape "
-                                    f"{list(stored)} in the checkpoint, but config.json makes it {list(shape)}")
 
     # -- quantizing ------------------------------------------------------------------------------------------
 
@@ -249,7 +242,8 @@ class _QuantizeJob:
             store.close()
             (self.scratch / "candidates.bin").unlink()
         with self.watch.time("write"), self.progress.stage("Writing the quantized model"):
-            parameters_to_initializers(self.onnx_model, [self._fp32(data, name) for name in parameters_left(self.onnx_model)])
+            parameters_to_initializers(self.onnx_model, [fp32_initializer(self.tensors, data, name)
+                                                         for name in parameters_left(self.onnx_model)])
             symbolic_cache_dims(self.onnx_model)
             data.close()
             onnx.save_model(self.onnx_model, str(self.quant_path))
@@ -362,25 +356,9 @@ class _QuantizeJob:
                    if name not in quantized)
         return self.onnx_model.ByteSize() + 160 * (4 * len(self.sites)) + left
 
-    def _fp32(self, data: ExternalData, name: str):
-        shape = self.tensors.shape(name)
-        if len(shape) != 2:
-            return data.tensor(name, self.tensors.full(name).numpy())
-        blocks = (self.tensors.rows(name, start, stop).numpy() for start, stop in row_blocks(shape[0], shape[1]))
-        return data.tensor_from_blocks(name, shape, np.float32, blocks)
-
     def write_fp32(self, onnx_dir: Path) -> None:
-        """The graph with every parameter an fp32 initializer, written tensor by tensor."""
-        import onnx
-
         onnx_dir.mkdir()
-        graph = onnx.load(str(self.graph_path), load_external_data=False)
-        data = ExternalData(onnx_dir / EXTERNAL_DATA_FILE)
-        parameters_to_initializers(graph, [self._fp32(data, name) for name in parameters_left(graph)])
-        symbolic_cache_dims(graph)
-        data.close()
-        onnx.save_model(graph, str(onnx_dir / MODEL_FILE))
-        copy_support_files(self.source_dir, onnx_dir)
+        write_float_model(self.source_dir, self.graph_path, onnx_dir, self.tensors)
 
     def evaluate(self, decoder: OnnxDecoder, prompt: str) -> tuple[dict[str, Any], dict[str, str]]:
         with self.watch.time("evaluate"):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import CodecSettings, ServeSettings, override, shipped_config
+from ..progress import NULL_PROGRESS, ProgressReporter
 from .options import (NODE_RANK_ENV, SPEC_ENV, ServeError, ServeJob, ServeSummary, check_common, check_torch_options,
                       choose_engine, resolve_model)
 
@@ -27,22 +28,31 @@ EventHandler = Callable[[dict[str, Any]], None]
 
 
 def serve(model: str | Path, settings: ServeSettings | None = None, *, codec: CodecSettings | None = None,
-          registry: str | Path | None = None, verbose: bool = False,
-          on_event: EventHandler = lambda event: None, **overrides: Any) -> ServeSummary:
+          registry: str | Path | None = None, cache_dir: str | Path | None = None, verbose: bool = False,
+          progress: ProgressReporter = NULL_PROGRESS, on_event: EventHandler = lambda event: None,
+          **overrides: Any) -> ServeSummary:
     """Serve `model` (a directory or registry key) until stopped; events ('ready', 'joined', ...) go to `on_event`.
 
     `settings` and `codec` default to configs/default.yaml's serve and codec
     sections; any serve setting may be given as a keyword override (tp=2, port=0).
+    `cache_dir` (default: the config's) keeps the fp32 ONNX export that
+    engine="onnxruntime" serves for a checkpoint (onnx_cache.py).
     """
     defaults = shipped_config()
     job = ServeJob(str(model), registry or defaults.registry, override(settings or defaults.serve, **overrides),
-                   codec or defaults.codec, verbose)
+                   codec or defaults.codec, verbose, Path(cache_dir) if cache_dir else defaults.cache_path)
     check_common(job.settings)
     model_dir, model_id, entry = resolve_model(job)
     if choose_engine(job.settings, model_dir) == "onnxruntime":
-        from .onnx_serving import serve_onnx
+        from .onnx_serving import check_onnx_options, serve_onnx
 
-        return serve_onnx(job, model_dir, model_id, entry, on_event)
+        if model_dir.format == "onnx":
+            return serve_onnx(job, model_dir, model_id, entry, on_event)
+        from .onnx_cache import float_model_for
+
+        check_onnx_options(job.settings, model_dir)
+        exported = float_model_for(model_dir, job.cache_dir, progress)
+        return serve_onnx(job, exported, model_id, entry, on_event, source=model_dir)
     spec = check_torch_options(job, model_dir, model_id, entry)
     for note in spec.notes:
         log.warning("%s", note)

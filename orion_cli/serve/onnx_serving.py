@@ -65,12 +65,8 @@ def sliding_windows(text_config) -> dict[int, int]:
     return {i: window for i in layers if types is None or types[i] == "sliding_attention"}
 
 
-def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None, on_event) -> ServeSummary:
-    """Serve an ONNX directory in this process until SIGTERM/SIGINT."""
-    from .control import bind_listening_socket
-    from .driver import eos_token_ids, serve_http
-
-    settings = job.settings
+def check_onnx_options(settings, model) -> None:
+    """What the onnxruntime engine cannot do, refused before any export or load."""
     ignored = [flag for flag, value, neutral in (("--tp", settings.tp, 1), ("--pp", settings.pp, 1),
                                                  ("--nnodes", settings.nnodes, 1),
                                                  ("--pp-split", settings.pp_split, None))
@@ -79,8 +75,19 @@ def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None
         raise UsageError(f"{'/'.join(ignored)}: the onnxruntime engine serves {model.root} in one process; "
                          "use --engine torch (or auto) to serve it with tensor/pipeline parallelism")
     if settings.dtype != "float32":
-        log.warning("--dtype %s: ignored for ONNX models, which run in the dtypes they were exported with",
-                    settings.dtype)
+        log.warning("--dtype %s: ignored by the onnxruntime engine, which runs ONNX models in the dtypes they "
+                    "were exported with (a checkpoint's export is fp32)", settings.dtype)
+
+
+def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None, on_event,
+               source=None) -> ServeSummary:
+    """Serve an ONNX directory in this process until SIGTERM/SIGINT; `source` is the checkpoint it was exported
+    from, when it is orion's export of one (onnx_cache.py)."""
+    from .control import bind_listening_socket
+    from .driver import eos_token_ids, serve_http
+
+    settings = job.settings
+    check_onnx_options(settings, source or model)
     from transformers import AutoConfig, AutoTokenizer
 
     graph = decoder_file(model)
@@ -97,7 +104,8 @@ def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None
     except UsageError:  # a graph without key/value cache inputs: the user's to fix, exit code 2
         raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime and transformers raise many kinds
-        raise ServeError(f"MODEL_DIR {model.root}: cannot be loaded by onnxruntime "
+        where = f"{source.root} (its ONNX export {model.path})" if source is not None else model.root
+        raise ServeError(f"MODEL_DIR {where}: cannot be loaded by onnxruntime "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     runner.weight_bytes = model.weight_bytes
     log.info("onnxruntime engine: attention %s", runner.attention)
@@ -113,10 +121,11 @@ def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None
 
     quantization = (model.metadata or {}).get("quantization")
     served = ServedModel(
-        id=model_id, root=str(model.path.resolve()), max_model_len=max_model_len, tokenizer=tokenizer,
+        id=model_id, root=str((source or model).path.resolve()), max_model_len=max_model_len, tokenizer=tokenizer,
         vocab_size=text_config.vocab_size,
         metadata={"orion": {"engine": "onnxruntime", "attention": runner.attention,
                             "architecture": model.architecture,
+                            **({"onnx_export": str(model.path)} if source is not None else {}),
                             **({"quantization": quantization} if quantization else {}),
                             **({"registry": entry} if entry else {})}},
     )

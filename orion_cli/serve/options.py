@@ -58,6 +58,7 @@ class ServeJob:
     settings: ServeSettings
     codec: CodecSettings
     verbose: bool = False
+    cache_dir: Path | None = None  # where --engine onnxruntime keeps a checkpoint's ONNX export (None: no export)
 
 
 @dataclass
@@ -122,11 +123,8 @@ def resolve_model(job: ServeJob) -> tuple[ModelDir, str, dict[str, Any] | None]:
 
 def choose_engine(settings: ServeSettings, model: ModelDir) -> str:
     """torch or onnxruntime, for --engine and the model's format."""
-    if model.format != "onnx":
-        if settings.engine == "onnxruntime":
-            raise UsageError(f"--engine onnxruntime: MODEL_DIR {model.root} holds {model.format} weights; "
-                             "onnxruntime serves ONNX models (orion quantize's output)")
-        return "torch"
+    if model.format != "onnx":  # onnxruntime only when asked: it serves the checkpoint's fp32 ONNX export
+        return "onnxruntime" if settings.engine == "onnxruntime" else "torch"
     if settings.engine != "auto":
         return settings.engine
     whole = settings.tp == settings.pp == settings.nnodes == 1

@@ -1,0 +1,118 @@
+"""`orion serve --engine onnxruntime` on a checkpoint: its fp32 ONNX export, made once into orion's cache.
+
+Every architecture of the tiny-model table is exported (quantize/float_model.py)
+and must score a prompt as transformers does; one real server shows the cache
+being filled, reused, and left untouched by refused requests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from orion_cli.modeldir import inspect_model_dir
+from orion_cli.onnx_decoder import OnnxDecoder
+from orion_cli.quantize.float_model import export_float_model
+from orion_cli.serve.onnx_cache import EXPORT_SUBDIR, RECORD_FILE, CacheSpaceError, check_free_space, float_model_for
+from server_process import serving
+from serve_testing import kl_divergence
+from tiny_models import ARCHITECTURES
+
+EXPORT_EXCLUDED = {"mixtral": "optimum-onnx 0.1.0 has no Mixtral export config"}
+PROMPT = [5, 17, 42, 99, 7, 130, 64, 3, 250, 11]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a not in EXPORT_EXCLUDED])
+def test_the_fp32_export_scores_a_prompt_as_transformers_does(arch, tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "onnx"
+    out.mkdir()
+    export_float_model(tiny_models[arch], out)
+    ours = OnnxDecoder(out / "model.onnx").logits(np.array([PROMPT]))[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = model(torch.tensor([PROMPT])).logits[0].numpy()
+    for position in range(len(PROMPT)):
+        assert kl_divergence(reference[position], ours[position]) < 1e-5, position
+    assert (reference.argmax(-1) == ours.argmax(-1)).all()
+
+
+def test_the_export_fails_before_writing_when_the_disk_is_too_small(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(CacheSpaceError, match=r"^cache_dir .*GiB free \(set cache_dir"):
+        check_free_space(tmp_path / "onnx" / "model", free + 2**40, "the export")
+    check_free_space(tmp_path / "onnx" / "model", 1, "the export")
+
+
+def test_a_changed_checkpoint_gets_a_new_export(tiny_llama, tmp_path):
+    """The key covers the weight files' sizes and times: a checkpoint rewritten in place is exported again."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    first = float_model_for(inspect_model_dir(model), tmp_path / "cache")
+    assert float_model_for(inspect_model_dir(model), tmp_path / "cache").path == first.path
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # same bytes, new modification time
+    second = float_model_for(inspect_model_dir(model), tmp_path / "cache")
+    assert second.path != first.path and (second.path / RECORD_FILE).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_checkpoint_is_served_by_onnxruntime_from_its_cached_export(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cache = tmp_path / "cache"
+    env = {"ORION_CACHE_DIR": str(cache)}
+    prompt = PROMPT[:6]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    body = {"model": tiny_llama.name, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    with serving(tiny_llama, "--port", "0", "--engine", "onnxruntime",
+                 env=env) as server:
+        assert server.ready["engine"] == "onnxruntime"
+        card = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]
+        exported = card["orion"]["onnx_export"]
+        assert exported.startswith(str(cache / EXPORT_SUBDIR))
+        assert card["root"] == str(tiny_llama.resolve())
+        assert card["orion"]["attention"] == "GroupQueryAttention, static KV cache"
+        reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["token_ids"] == expected
+    record = json.loads((cache / EXPORT_SUBDIR / exported.rsplit("/", 1)[1] / RECORD_FILE).read_text())
+    assert record["source"] == str(tiny_llama.resolve())
+    data = cache / EXPORT_SUBDIR / exported.rsplit("/", 1)[1] / "model.onnx_data"
+    written = data.stat().st_mtime_ns
+    with serving(tiny_llama, "--port", "0", "--engine", "onnxruntime",
+                 env=env) as server:  # a second start reuses the export
+        assert any("serving the fp32 ONNX export in" in line for line in server.stderr_lines)
+        reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["token_ids"] == expected
+    assert data.stat().st_mtime_ns == written
+    assert [p.name for p in (cache / EXPORT_SUBDIR).iterdir()] == [exported.rsplit("/", 1)[1]]
+
+
+def test_what_onnxruntime_cannot_do_is_refused_before_any_export(orion, tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORION_CACHE_DIR", str(tmp_path / "cache"))
+    result = orion("serve", tiny_llama, "--engine", "onnxruntime", "--tp", "2")
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("orion: error: --tp: the onnxruntime engine serves")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_an_architecture_optimum_cannot_export_fails_in_one_line_and_leaves_no_export(orion, tiny_models, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("ORION_CACHE_DIR", str(tmp_path / "cache"))
+    result = orion("serve", tiny_models["mixtral"], "--engine", "onnxruntime")
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("orion: error:")]
+    assert len(errors) == 1 and f"MODEL_DIR {tiny_models['mixtral']}: optimum cannot export" in errors[0], errors
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "cache").exists()
