@@ -217,3 +217,31 @@ def test_shipped_specialize_workflow(orion, tiny_llama, tmp_path):
     assert merged["operation"] == "merge" and merged["parameters"]["method"] == "slerp"
     assert merged["parameters"]["t"] == pytest.approx(0.4)
     check_production_layout(Path("spec/production"))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_serve_step_keeps_the_onnx_export_in_the_configured_cache(tiny_llama, tmp_path):
+    """The step passes the resolved config's cache_dir (here from ORION_CACHE_DIR) to serve, not the default."""
+    import glob
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pipeline = write(tmp_path / "p.yaml", f"pipeline: live\nsteps:\n  - id: live\n    serve: "
+                                          f"{{model: \"{tiny_llama}\", engine: onnxruntime, port: 0}}\n")
+    env = {**os.environ, "ORION_CACHE_DIR": str(tmp_path / "configured"), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    proc = subprocess.Popen([sys.executable, "-m", "orion_cli", "run", str(pipeline)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not glob.glob(str(tmp_path / "configured" / "onnx" / "*" / "orion-export.json")):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "no export appeared in the configured cache"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    assert not (tmp_path / "xdg" / "orion" / "onnx").exists()

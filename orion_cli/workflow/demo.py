@@ -161,7 +161,8 @@ def ask_one_question(registry_path: Path, key: str, tp: int, config: OrionConfig
     client.start()
     client.serving.set()
     try:
-        summary = serve(key, settings, codec=config.codec, registry=registry_path, on_event=client.on_event)
+        summary = serve(key, settings, codec=config.codec, registry=registry_path, cache_dir=config.cache_path,
+                        on_event=client.on_event)
     finally:
         client.serving.clear()
         client.ready.set()  # a client still waiting gives up at once

@@ -174,6 +174,6 @@ def _serve(p, output: Path | None, ctx) -> Prepared:
     codec: CodecSettings = ctx.config.codec
 
     def call(progress: ProgressReporter) -> None:
-        serve(p.model, settings, codec=codec, registry=ctx.registry)
+        serve(p.model, settings, codec=codec, registry=ctx.registry, cache_dir=ctx.cache_dir, progress=progress)
 
     return Prepared(call, None, _shown(p.model, settings))
