@@ -21,7 +21,7 @@ LAYERS = [
     ("face", {"cli", "__main__"}),
     ("orchestration", {"workflow"}),
     ("subsystems", {"quantize", "merge", "shard", "serve"}),
-    ("foundations", {"codec", "reference"}),
+    ("foundations", {"codec", "reference", "onnx_export"}),
 ]
 MAX_LINES = 400
 FACE_ONLY = ("rich", "typer")

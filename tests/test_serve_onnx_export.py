@@ -1,6 +1,6 @@
 """`orion serve --engine onnxruntime` on a checkpoint: its fp32 ONNX export, made once into orion's cache.
 
-Every architecture of the tiny-model table is exported (quantize/float_model.py)
+Every architecture of the tiny-model table is exported (onnx_export/float_model.py)
 and must score a prompt as transformers does; one real server shows the cache
 being filled, reused, and left untouched by refused requests.
 """
@@ -17,7 +17,7 @@ import torch
 
 from orion_cli.modeldir import inspect_model_dir
 from orion_cli.onnx_decoder import OnnxDecoder
-from orion_cli.quantize.float_model import export_float_model
+from orion_cli.onnx_export.float_model import export_float_model
 from orion_cli.serve.onnx_cache import EXPORT_SUBDIR, RECORD_FILE, CacheSpaceError, check_free_space, float_model_for
 from server_process import serving
 from serve_testing import kl_divergence

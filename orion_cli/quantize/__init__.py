@@ -1,8 +1,9 @@
 """orion quantize: weight-only q4 / q3 / q2 ONNX models from Hugging Face causal LMs, a layer at a time.
 
-export.py       the decoder graph with past key values, from optimum's export config, without weights
-graph.py        finding the weights in the graph; MatMulNBits / GatherBlockQuantized; external data
-tensors.py      the checkpoint's tensors, read a row block at a time
+graph.py        finding the weights in the graph; MatMulNBits / GatherBlockQuantized
+
+The weightless graph, the checkpoint's tensors read a row block at a time and the
+fp32 model come from onnx_export/, which serve's onnxruntime engine shares.
 layerwise.py    transformers' model run one decoder layer in memory at a time
 calibration.py  each linear layer's input Hessian on calibration text, layer by layer
 budget.py       how much calibration --method auto can afford on this machine

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .sensitivity import LayerCall
-from .tensors import ModelTensors, row_blocks
+from ..onnx_export.tensors import ModelTensors, row_blocks
 
 LayerVisit = Callable[[int, nn.Module, LayerCall], None]
 
@@ -36,7 +36,7 @@ class LayerwiseModel:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        with init_empty_weights(include_buffers=False):  # the same model export.py traces
+        with init_empty_weights(include_buffers=False):  # the same model onnx_export/graph.py traces
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                      dtype=torch.float32)
         self.model = model.eval()

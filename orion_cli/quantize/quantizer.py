@@ -5,7 +5,7 @@ OUT/onnx/         the fp32 model, only with keep_intermediate
 OUT/metadata.json provenance, the recipe, bits of every tensor, sizes, durations, versions, quality
 
 Memory is bounded by a layer, not the model: the graph is exported without
-weights (export.py), each weight is read from the checkpoint's memory map a
+weights (onnx_export/graph.py), each weight is read from the checkpoint a
 row block at a time and written quantized straight into the external data
 file (sites.py), and calibration runs transformers' model a decoder layer at
 a time (layerwise.py, calibration.py), quantizing each layer while its
@@ -30,22 +30,23 @@ from ..errors import ModelDirError, UnsupportedModelError, UsageError
 from ..heap import return_large_blocks_to_the_system
 from ..modeldir import copy_support_files
 from ..onnx_decoder import OnnxDecoder
+from ..onnx_export.float_model import check_shapes, fp32_initializer, write_float_model
+from ..onnx_export.graph import EXTERNAL_DATA_FILE, MODEL_FILE, check_supported, export_graph
+from ..onnx_export.parameters import (ExternalData, parameter_inputs, parameters_left, parameters_to_initializers,
+                                     symbolic_cache_dims)
+from ..onnx_export.tensors import ModelTensors
 from ..producing import Output, producing, recorded_provenance, resolve_source
 from ..progress import NULL_PROGRESS, ProgressReporter, Stopwatch
 from .budget import CalibrationPlan, calibration_cost, plan_calibration
 from .calibration import collect_hessians
 from .evaluate import evaluate_quantized
-from .export import EXTERNAL_DATA_FILE, MODEL_FILE, check_supported, export_graph
-from .float_model import check_shapes, fp32_initializer, write_float_model
-from .graph import (ExternalData, WeightSite, find_weight_sites, parameter_inputs, parameters_left,
-                    parameters_to_initializers, quantized_node, symbolic_cache_dims)
+from .graph import WeightSite, find_weight_sites, quantized_node
 from .layerwise import LayerwiseModel
 from .allocate import allocate_sites, site_formats
 from .levels import ACCURACY_LEVEL, Format, Level, get_level, resolve_methods
 from .sensitivity import SAMPLE_WINDOWS, Probe, Sensitivity, head_kl, sample_embedding_rows, weights_swapped
 from .report import quantize_metadata, tensor_record
 from .sites import Candidate, CandidateStore, quantize_site
-from .tensors import ModelTensors
 from .texts import TextPlan, plan_texts
 
 log = logging.getLogger(__name__)

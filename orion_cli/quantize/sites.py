@@ -1,6 +1,6 @@
 """Each weight site quantized straight from the checkpoint, in row blocks, at one or more widths.
 
-A site's weight is read a block of output features at a time (tensors.py),
+A site's weight is read a block of output features at a time (onnx_export/tensors.py),
 quantized, and the blocks joined: every method here treats output features
 independently (GPTQ too, given the Hessian), so the result is the same as
 for the whole tensor, and memory is one block's. While a block is in hand,
@@ -22,11 +22,12 @@ import numpy as np
 import onnx
 import torch
 
+from ..onnx_export.parameters import ExternalData
+from ..onnx_export.tensors import ModelTensors, row_blocks
 from .blockwise import BlockQuantized, join_outputs, quantize_weight
 from .gptq import GptqFactor, quantize_gptq
-from .graph import ExternalData, WeightSite
+from .graph import WeightSite
 from .levels import Format
-from .tensors import ModelTensors, row_blocks
 
 
 @dataclass

@@ -3,7 +3,7 @@
 llama.cpp serves a checkpoint after its conversion to GGUF; vLLM keeps its
 compiled graphs in ~/.cache/vllm. orion exports the checkpoint with
 quantize's exporter (the weightless graph, then every weight in fp32,
-quantize/float_model.py) into CACHE/onnx/NAME-KEY, where CACHE is the
+onnx_export/float_model.py) into CACHE/onnx/NAME-KEY, where CACHE is the
 config's cache_dir (default $XDG_CACHE_HOME/orion). KEY covers what the
 export depends on: config.json, each weight file's name, size and
 modification time, and the versions of orion, torch, transformers and
@@ -74,7 +74,7 @@ def check_free_space(directory: Path, needed: int, what: str) -> None:
 
 def float_model_for(model: ModelDir, cache_root: Path, progress: ProgressReporter = NULL_PROGRESS) -> ModelDir:
     """The fp32 ONNX export of checkpoint `model` in `cache_root`, exported now unless already there."""
-    from ..quantize.float_model import export_float_model
+    from ..onnx_export.float_model import export_float_model
 
     key = export_key(model)
     target = Path(cache_root).expanduser() / EXPORT_SUBDIR / f"{model.path.resolve().name}-{key[:16]}"

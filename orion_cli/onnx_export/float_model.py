@@ -1,4 +1,4 @@
-"""The fp32 ONNX model: the weightless graph (export.py) with every parameter an fp32 initializer.
+"""The fp32 ONNX model: the weightless graph (graph.py) with every parameter an fp32 initializer.
 
 Written tensor by tensor into one external data file, a row block at a time,
 so memory stays bounded by a row block whatever the model's size. `orion
@@ -15,8 +15,8 @@ import numpy as np
 from ..checkpoint import CheckpointReader
 from ..errors import ModelDirError
 from ..modeldir import copy_support_files
-from .export import EXTERNAL_DATA_FILE, MODEL_FILE, export_graph
-from .graph import ExternalData, parameter_inputs, parameters_left, parameters_to_initializers, symbolic_cache_dims
+from .graph import EXTERNAL_DATA_FILE, MODEL_FILE, export_graph
+from .parameters import ExternalData, parameter_inputs, parameters_left, parameters_to_initializers, symbolic_cache_dims
 from .tensors import ModelTensors, row_blocks
 
 GRAPH_SCRATCH_FILE = ".graph.onnx"
