@@ -46,6 +46,9 @@ class OnnxDecoder:
         self.past_dtype = NUMPY_TYPES.get(inputs[self.past_names[0]].type, np.float32) if self.past_names else np.float32
         shape = outputs[self.present_names[0]].shape if self.present_names else [0, 0, 0, 0]
         self.kv_heads, self.head_dim = (d if isinstance(d, int) else None for d in (shape[1], shape[3]))
+        logits = outputs.get("logits")
+        self.logits_dtype = NUMPY_TYPES.get(logits.type, np.float32) if logits is not None else np.float32
+        self.vocab_size = logits.shape[-1] if logits is not None and isinstance(logits.shape[-1], int) else None
         self.extra = extra
 
     def empty_past(self, batch: int) -> list[np.ndarray]:

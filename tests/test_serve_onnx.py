@@ -195,6 +195,32 @@ def test_the_static_cache_grows_and_keeps_each_rows_positions(quantized_dir):
             assert kl_divergence(reference[0], ours[row:row + 1]) < 1e-3
 
 
+def test_decode_steps_bound_once_follow_the_cache_when_it_grows_under_them(quantized_dir):
+    """A decode step's IO binding is made once per row count and reused; when the cache outgrows its capacity in
+    the middle of decoding, the next steps bind the new buffers and still score what the exported graph does."""
+    import numpy as np
+    from transformers import AutoConfig
+
+    from orion_cli.onnx_decoder import OnnxDecoder
+    from orion_cli.serve.attention import CACHE_GROWTH_START
+    from orion_cli.serve.onnx_serving import onnx_runner
+    from serve_testing import kl_divergence
+
+    graph = quantized_dir / "quantized" / "model.onnx"
+    config = AutoConfig.from_pretrained(quantized_dir / "quantized").get_text_config()
+    runner = onnx_runner(graph, config, attention="auto", max_batch_size=2, max_model_len=600, prefix_cache_bytes=0,
+                         recompute_at=None)
+    prompt = np.random.default_rng(1).integers(1, 200, CACHE_GROWTH_START - 2).tolist()
+    runner._prefill(0, prompt, every_position=False)
+    exported = OnnxDecoder(graph)
+    _, past = exported.run(np.array([prompt]), None, None, None)
+    for step, token in enumerate([7, 11, 13, 17]):  # positions 254..257: the capacity doubles at 256
+        ours = runner._decode([[token]], [len(prompt) + step])
+        reference, past = exported.run(np.array([[token]]), None, None, past)
+        assert kl_divergence(reference[0], ours) < 1e-3, f"step {step}, capacity {runner.capacity}"
+    assert runner.capacity == 2 * CACHE_GROWTH_START
+
+
 def test_a_rewritten_graph_onnxruntime_refuses_falls_back_to_the_exported_attention(quantized_dir):
     """A config that misstates the head size: the static cache's buffers do not fit the graph, the load-time probe
     fails, and the model is served with its exported attention, saying why."""
