@@ -124,8 +124,9 @@ KEEPS_EXPORTED_ATTENTION = {
 
 
 def check_static_cache_attention(model_dir: Path, config: dict) -> None:
-    """serve's GroupQueryAttention rewrite of this graph (serve/onnx_attention.py) scores what the exported graph
-    scores, prompt and decode steps, or the model keeps its exported attention for a known reason."""
+    """serve's GroupQueryAttention rewrite of this graph (serve/onnx_attention.py), the rotary embedding folded in
+    (serve/onnx_rotary.py), scores what the exported graph scores, prompt and decode steps, or the model keeps its
+    exported attention for a known reason."""
     from transformers import AutoConfig
 
     from orion_cli.serve.onnx_serving import onnx_runner
@@ -139,6 +140,8 @@ def check_static_cache_attention(model_dir: Path, config: dict) -> None:
         assert KEEPS_EXPORTED_ATTENTION[config["model_type"]] in runner.attention, runner.attention
         return
     assert isinstance(runner, StaticCacheRunner), runner.attention
+    # every rewritten architecture's rotary embedding is transformers' rotate_half form, folded into the op
+    assert runner.attention.endswith("rotary embedding folded in"), runner.attention
     exported = OnnxDecoder(model_dir / "model.onnx")
     reference, past = exported.run(np.array([PROMPT]), None, None, None)
     ours, _ = runner._prefill(1, PROMPT, every_position=True)  # slot 1: rows are slots

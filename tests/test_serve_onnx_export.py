@@ -83,7 +83,7 @@ def test_a_checkpoint_is_served_by_onnxruntime_from_its_cached_export(tiny_llama
         exported = card["orion"]["onnx_export"]
         assert exported.startswith(str(cache / EXPORT_SUBDIR))
         assert card["root"] == str(tiny_llama.resolve())
-        assert card["orion"]["attention"] == "GroupQueryAttention, static KV cache"
+        assert card["orion"]["attention"] == "GroupQueryAttention, static KV cache, rotary embedding folded in"
         reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
         assert reply["choices"][0]["token_ids"] == expected
     record = json.loads((cache / EXPORT_SUBDIR / exported.rsplit("/", 1)[1] / RECORD_FILE).read_text())

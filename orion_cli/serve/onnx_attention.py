@@ -21,10 +21,12 @@ Anything else on that path (logit softcapping, say) and the model keeps its
 exported attention. The mask Add is dropped for the op's own causal mask, so
 the rewrite is only for rotary models (onnx_serving.py checks the config):
 ALiBi's bias, for one, rides on that Add. Sliding windows become the node's local_window_size,
-layer by layer. The rotary embedding stays as exported: GroupQueryAttention
-takes the rotated query and keys, and positions come from position_ids (a
-graph without that input derives them from the cache's length, which a
-static buffer no longer gives, and keeps its exported attention).
+layer by layer. The rotary embedding is folded into the node where
+onnx_rotary.py recognizes it (the op rotates query and keys itself, from the
+graph's own cos/sin tables); elsewhere it stays as exported and the node
+takes the rotated query and keys. Positions come from position_ids (a graph
+without that input derives them from the cache's length, which a static
+buffer no longer gives, and keeps its exported attention).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from .onnx_rotary import find_rotation, rotary_tables, table_initializers
 
 SEQLENS = "seqlens_k"  # int32 [batch]: each row's length after this step, minus one
 TOTAL = "total_sequence_length"  # int32 scalar: the longest row's length after this step
@@ -53,9 +57,12 @@ class Heads:
     size: int
 
 
-def rewrite_attention(model: onnx.ModelProto, heads: Heads, windows: dict[int, int] | None = None) -> onnx.ModelProto:
+def rewrite_attention(model: onnx.ModelProto, heads: Heads, windows: dict[int, int] | None = None,
+                      rotary_positions: int | None = None) -> onnx.ModelProto:
     """A copy of `model` (loaded without its external data) with every layer's attention one GroupQueryAttention
-    node, `windows[layer]` its sliding window where it has one; raises NotRewritten saying why not."""
+    node, `windows[layer]` its sliding window where it has one; raises NotRewritten saying why not. With
+    `rotary_positions`, layers whose rotary embedding is recognized have it folded into the node, with tables
+    for that many positions (onnx_rotary.py)."""
     if heads.size % 8:
         raise NotRewritten(f"a head size of {heads.size}: GroupQueryAttention takes multiples of 8")
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -67,6 +74,8 @@ def rewrite_attention(model: onnx.ModelProto, heads: Heads, windows: dict[int, i
     if "position_ids" not in names:
         raise NotRewritten("the graph takes no position_ids")
     graph_view = _Graph(graph)
+    if rotary_positions:
+        graph_view.fold_rotary(model, layers, rotary_positions)
     for layer in layers:
         graph_view.replace_layer(layer, heads, (windows or {}).get(layer))
     graph.input.extend([helper.make_tensor_value_info(SEQLENS, onnx.TensorProto.INT32, ["batch_size"]),
@@ -87,6 +96,18 @@ class _Graph:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.initializers = {i.name: i for i in graph.initializer}
+        self.rotary_tables: dict[tuple[str, str], tuple[str, str, int]] = {}  # (cos, sin) -> names and width
+
+    def fold_rotary(self, model: onnx.ModelProto, layers: list[int], positions: int) -> None:
+        """Tables for the cos/sin pairs the layers' keys are rotated with, where they are positional."""
+        pairs = []
+        for layer in layers:
+            rotation = find_rotation(self._concat_of(f"present.{layer}.key", f"past_key_values.{layer}.key").input[1],
+                                     self.producer)
+            if rotation is not None and (rotation.cos, rotation.sin) not in pairs:
+                pairs.append((rotation.cos, rotation.sin))
+        self.rotary_tables, initializers = table_initializers(rotary_tables(model, pairs, positions))
+        self.graph.initializer.extend(initializers)
 
     def replace_layer(self, layer: int, heads: Heads, window: int | None) -> None:
         key_concat = self._concat_of(f"present.{layer}.key", f"past_key_values.{layer}.key")
@@ -105,18 +126,36 @@ class _Graph:
         query, query_scale = self._unscaled(scores.input[0])
         keys_scale = self._scale_on_path(scores.input[1], layer)
         scale = query_scale * keys_scale
+        key, rotary = key_concat.input[1], {}
+        query_rotation, key_rotation = find_rotation(query, self.producer), find_rotation(key, self.producer)
+        pair = (key_rotation.cos, key_rotation.sin) if key_rotation else None
         prefix = f"/orion_gqa/layers.{layer}"
-        inputs = [self._to_bsh(query, f"{prefix}/query"), self._to_bsh(key_concat.input[1], f"{prefix}/key"),
+        if query_rotation and pair == (query_rotation.cos, query_rotation.sin) and pair in self.rotary_tables \
+                and query_rotation.cast_to == key_rotation.cast_to and self.rotary_tables[pair][2] * 2 == heads.size:
+            query, key = (self._cast(rotation, f"{prefix}/{what}") for rotation, what in
+                          ((query_rotation, "query"), (key_rotation, "key")))
+            rotary = {"inputs": list(self.rotary_tables[pair][:2]),
+                      "attributes": {"do_rotary": 1, "rotary_interleaved": 0}}
+        inputs = [self._to_bsh(query, f"{prefix}/query"), self._to_bsh(key, f"{prefix}/key"),
                   self._to_bsh(value_concat.input[1], f"{prefix}/value"),
-                  key_concat.input[0], value_concat.input[0], SEQLENS, TOTAL]
+                  key_concat.input[0], value_concat.input[0], SEQLENS, TOTAL, *rotary.get("inputs", [])]
         attention = helper.make_node(
             "GroupQueryAttention", inputs, [reshape.output[0], key_concat.output[0], value_concat.output[0]],
             name=f"{prefix}/GroupQueryAttention", domain="com.microsoft", num_heads=heads.query,
             kv_num_heads=heads.key_value, scale=scale,
-            local_window_size=window or -1)  # a query at i sees keys after i - window, as transformers' masks
+            local_window_size=window or -1,  # a query at i sees keys after i - window, as transformers' masks
+            **rotary.get("attributes", {}))
         for node in (key_concat, value_concat, reshape):
             self.graph.node.remove(node)
         self.graph.node.append(attention)
+
+    def _cast(self, rotation, prefix: str) -> str:
+        """The unrotated tensor, cast as the rotated one was (the op rotates in the cache's dtype)."""
+        if rotation.cast_to is None:
+            return rotation.unrotated
+        cast = f"{prefix}/unrotated_cast"
+        self.graph.node.append(helper.make_node("Cast", [rotation.unrotated], [cast], name=cast, to=rotation.cast_to))
+        return cast
 
     def _concat_of(self, present: str, past: str) -> onnx.NodeProto:
         node = self.producer.get(present)

@@ -38,13 +38,17 @@ def onnx_runner(graph, text_config, *, attention: str, max_batch_size: int, max_
         if not rotary or getattr(text_config, "alibi", False):
             raise NotRewritten("positions that are not rotary: a bias on the attention mask, which the rewrite "
                                "replaces, may carry them (ALiBi)")
+        # a rope whose factors change past a length (Phi-3's longrope) has no one table per position
         rewritten = rewrite_attention(onnx.load(str(graph), load_external_data=False),
-                                      Heads(heads, kv_heads, head_dim), sliding_windows(text_config))
+                                      Heads(heads, kv_heads, head_dim), sliding_windows(text_config),
+                                      rotary_positions=max_model_len if recompute_at is None else None)
         try:  # a graph the rewrite misread fails here, at load, rather than on the first request
             runner = StaticCacheRunner(OnnxDecoder(graph, graph=rewritten.SerializeToString()), slots=max_batch_size,
                                        max_len=max_model_len, kv_heads=kv_heads, head_dim=head_dim,
                                        prefix_cache_bytes=prefix_cache_bytes, recompute_at=recompute_at)
             runner.probe()
+            if any(attribute.name == "do_rotary" for node in rewritten.graph.node for attribute in node.attribute):
+                runner.attention += ", rotary embedding folded in"
             return runner
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises many kinds
             raise NotRewritten(f"onnxruntime refused the rewritten graph: {type(exc).__name__}: "

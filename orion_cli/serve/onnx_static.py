@@ -92,7 +92,8 @@ class StaticCacheRunner(OnnxRunner):
         width = ids.shape[1]
         binding = self.decoder.session.io_binding()
         binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("position_ids", np.array(starts, dtype=np.int64)[:, None] + np.arange(width))
+        if "position_ids" in self.decoder.input_names:  # not once the rotary embedding is folded into attention
+            binding.bind_cpu_input("position_ids", np.array(starts, dtype=np.int64)[:, None] + np.arange(width))
         binding.bind_cpu_input(SEQLENS, np.array(starts, dtype=np.int32) + (width - 1))
         binding.bind_cpu_input(TOTAL, np.array(max(starts) + width, dtype=np.int32))
         binding.bind_output("logits", "cpu")
@@ -147,7 +148,8 @@ class _DecodeStep:
                        (("input_ids", self.ids), ("position_ids", self.positions), (SEQLENS, self.seqlens),
                         (TOTAL, self.total))}
         for name, value in self.values.items():
-            self.binding.bind_ortvalue_input(name, value)
+            if name in decoder.input_names:
+                self.binding.bind_ortvalue_input(name, value)
         self.values["logits"] = ort.OrtValue.ortvalue_from_numpy(self.logits)
         self.binding.bind_ortvalue_output("logits", self.values["logits"])
         for past, present, value in zip(decoder.past_names, decoder.present_names, runner._rows(0, rows)):

@@ -1,0 +1,167 @@
+"""The exported rotary embedding folded into GroupQueryAttention (`do_rotary`), with the graph's own cos/sin tables.
+
+transformers applies rotary positions as `x * cos + rotate_half(x) * sin`,
+rotate_half being Concat(Neg(Slice(x, second half)), Slice(x, first half)),
+and the export keeps every one of those small operations, per layer, for the
+query and the keys: about a tenth of a q4 decode step on the 88M model of
+benchmarks/serve_peer.py. GroupQueryAttention can rotate its query and keys
+itself from cos/sin tables indexed by position, the positions following from
+`seqlens_k` as the static cache's rows do.
+
+The tables are not recomputed from the config: the graph's own cos and sin
+(whatever rope scaling the model uses, attention factor included) are
+evaluated by onnxruntime for positions 0..max-1, on the part of the graph
+that computes them from position_ids. A table is used only when its rows do
+not depend on how many positions were asked for (a rope that rescales with
+the sequence's length does), and when each row is two equal halves, as
+rotate_half's convention makes them. Anything else keeps the exported
+rotary embedding, layer by layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+POSITION_INPUTS = ("position_ids", "input_ids", "attention_mask")
+_CHECK_POSITIONS = 16  # the short evaluation a table's first rows are compared with
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """`output` = unrotated * cos + rotate_half(unrotated) * sin, then cast to `cast_to` where that is set."""
+
+    unrotated: str
+    cos: str
+    sin: str
+    cast_to: int | None = None  # an onnx.TensorProto data type
+
+
+def find_rotation(name: str, producer: dict[str, onnx.NodeProto]) -> Rotation | None:
+    """The rotation that produces `name`, when it is transformers' rotate_half form: either whole, perhaps
+    followed by a Cast back to the model's dtype (OLMo2), or applied to a leading Slice of the heads and
+    concatenated with the rest (Phi-3's partial rotary code; the caller checks the tables cover whole heads)."""
+    node, cast_to = producer.get(name), None
+    if node is not None and node.op_type == "Cast":
+        cast_to, name = _attribute(node, "to"), node.input[0]
+        node = producer.get(name)
+    if node is not None and node.op_type == "Concat" and len(node.input) == 2 and _attribute(node, "axis") in (-1, 3):
+        rotation = _rotate_half_form(node.input[0], producer)
+        rotated, passed = (producer.get(rotation.unrotated) if rotation else None), producer.get(node.input[1])
+        if rotated is None or passed is None or rotated.op_type != "Slice" or passed.op_type != "Slice" or \
+                rotated.input[0] != passed.input[0]:
+            return None
+        return Rotation(rotated.input[0], rotation.cos, rotation.sin, cast_to)
+    rotation = _rotate_half_form(name, producer)
+    return Rotation(rotation.unrotated, rotation.cos, rotation.sin, cast_to) if rotation else None
+
+
+def _rotate_half_form(name: str, producer: dict[str, onnx.NodeProto]) -> Rotation | None:
+    add = producer.get(name)
+    if add is None or add.op_type != "Add":
+        return None
+    products = [producer.get(i) for i in add.input]
+    if any(p is None or p.op_type != "Mul" for p in products):
+        return None
+    for plain, rotated in (products, products[::-1]):
+        for x, cos in ((plain.input[0], plain.input[1]), (plain.input[1], plain.input[0])):
+            for turned, sin in ((rotated.input[0], rotated.input[1]), (rotated.input[1], rotated.input[0])):
+                if _is_rotate_half(producer.get(turned), x, producer):
+                    return Rotation(x, cos, sin)
+    return None
+
+
+def _attribute(node: onnx.NodeProto, name: str):
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def _is_rotate_half(concat: onnx.NodeProto | None, x: str, producer: dict[str, onnx.NodeProto]) -> bool:
+    if concat is None or concat.op_type != "Concat" or len(concat.input) != 2:
+        return False
+    if _attribute(concat, "axis") not in (-1, 3):
+        return False
+    negated, first_half = producer.get(concat.input[0]), producer.get(concat.input[1])
+    if negated is None or negated.op_type != "Neg" or first_half is None or first_half.op_type != "Slice":
+        return False
+    second_half = producer.get(negated.input[0])
+    return second_half is not None and second_half.op_type == "Slice" and \
+        second_half.input[0] == x and first_half.input[0] == x
+
+
+def rotary_tables(model: onnx.ModelProto, pairs: list[tuple[str, str]], positions: int) -> dict[tuple[str, str], tuple]:
+    """{(cos, sin): (cos_cache, sin_cache)}, each [positions, head_dim / 2], for the pairs whose tables are
+    positional (see the module's docstring); the others are left out."""
+    names = sorted({name for pair in pairs for name in pair})
+    long, short = evaluate_at_positions(model, names, positions), evaluate_at_positions(model, names, _CHECK_POSITIONS)
+    if long is None or short is None:
+        return {}
+    tables = {}
+    for cos, sin in pairs:
+        halves = []
+        for name in (cos, sin):
+            rows, few = long[name], short[name]
+            if rows.size % positions or few.shape[-1] != rows.shape[-1] or rows.shape[-1] % 2:
+                break
+            rows = rows.reshape(positions, -1)
+            half = rows.shape[1] // 2
+            if not np.array_equal(rows[:, :half], rows[:, half:]) or \
+                    not np.allclose(rows[:_CHECK_POSITIONS], few.reshape(_CHECK_POSITIONS, -1), rtol=0, atol=1e-6):
+                break
+            halves.append(np.ascontiguousarray(rows[:, :half]))
+        else:
+            tables[(cos, sin)] = tuple(halves)
+    return tables
+
+
+def evaluate_at_positions(model: onnx.ModelProto, names: list[str], positions: int) -> dict[str, np.ndarray] | None:
+    """`names` computed by onnxruntime from position_ids 0..positions-1, or None when they need more than the
+    position inputs (a weight, say) or onnxruntime cannot run that part of the graph."""
+    import onnxruntime as ort
+
+    part = _part_computing(model, names)
+    needed = [i.name for i in part.graph.input]
+    if any(name not in POSITION_INPUTS for name in needed) or \
+            any(t.data_location == onnx.TensorProto.EXTERNAL for t in part.graph.initializer):
+        return None
+    feed = {"position_ids": np.arange(positions, dtype=np.int64)[None],
+            "input_ids": np.zeros((1, positions), dtype=np.int64),
+            "attention_mask": np.ones((1, positions), dtype=np.int64)}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(part.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        values = session.run(names, {name: feed[name] for name in needed})
+    except Exception:  # noqa: BLE001 - onnxruntime raises many kinds; the layer keeps its rotary embedding
+        return None
+    return dict(zip(names, values))
+
+
+def _part_computing(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of `model` with only the nodes, inputs and initializers `names` are computed from, in graph order."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    live, stack = set(), list(names)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and id(node) not in live:
+            live.add(id(node))
+            stack.extend(node.input)
+    nodes = [node for node in graph.node if id(node) in live]
+    read = {name for node in nodes for name in node.input}
+    part = helper.make_graph(nodes, "rotary_tables", [i for i in graph.input if i.name in read],
+                             [helper.make_empty_tensor_value_info(name) for name in names],
+                             [t for t in graph.initializer if t.name in read])
+    return helper.make_model(part, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+def table_initializers(tables: dict[tuple[str, str], tuple], prefix: str = "orion_gqa_rotary"):
+    """{(cos, sin): (cos_cache name, sin_cache name, width)} and the initializers holding them."""
+    names, initializers = {}, []
+    for index, (pair, (cos_cache, sin_cache)) in enumerate(tables.items()):
+        names[pair] = (f"{prefix}{index}_cos_cache", f"{prefix}{index}_sin_cache", cos_cache.shape[1])
+        initializers += [numpy_helper.from_array(cos_cache, names[pair][0]),
+                         numpy_helper.from_array(sin_cache, names[pair][1])]
+    return names, initializers

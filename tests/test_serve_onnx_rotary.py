@@ -1,0 +1,80 @@
+"""The rotary tables GroupQueryAttention is given are the graph's own cos/sin, and only when they are positional.
+
+serve/onnx_rotary.py evaluates the part of the graph that computes cos and
+sin from position_ids. These graphs are built by hand so each refusal has
+one cause; tests/test_quantize_models.py checks the fold on every exported
+architecture against the exported graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from orion_cli.serve.onnx_rotary import evaluate_at_positions, rotary_tables
+
+HALF = 4  # head_dim 8
+INV_FREQ = (1.0 / 10000 ** (np.arange(HALF) / HALF)).astype(np.float32)
+
+
+def rope_graph(frequencies: np.ndarray, scale_by_length: bool = False) -> onnx.ModelProto:
+    """cos/sin [1, positions, 2 * len(frequencies)] of position_ids, as transformers' rotary module computes them
+    (angles concatenated with themselves); with `scale_by_length` the angles grow with the number of positions,
+    as a rope that rescales with the sequence's length does."""
+    nodes = [helper.make_node("Cast", ["position_ids"], ["positions"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["positions", "last_axis"], ["column"]),
+             helper.make_node("Mul", ["column", "frequencies"], ["angles"])]
+    if scale_by_length:
+        nodes += [helper.make_node("Shape", ["position_ids"], ["shape"]),
+                  helper.make_node("Gather", ["shape", "one"], ["length"]),
+                  helper.make_node("Cast", ["length"], ["length_float"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", ["angles", "length_float"], ["scaled"])]
+    angles = "scaled" if scale_by_length else "angles"
+    nodes += [helper.make_node("Concat", [angles, angles], ["doubled"], axis=-1),
+              helper.make_node("Cos", ["doubled"], ["cos"]), helper.make_node("Sin", ["doubled"], ["sin"])]
+    initializers = [numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_axis"),
+                    numpy_helper.from_array(frequencies, "frequencies"),
+                    numpy_helper.from_array(np.array(1, dtype=np.int64), "one")]
+    graph = helper.make_graph(
+        nodes, "rope", [helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "positions"])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("cos", "sin")], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)  # onnxruntime 1.31 reads <= 13
+
+
+def test_a_positional_table_is_the_graphs_own_cos_and_sin_at_each_position():
+    tables = rotary_tables(rope_graph(INV_FREQ), [("cos", "sin")], 100)
+    cos_cache, sin_cache = tables[("cos", "sin")]
+    angles = np.arange(100, dtype=np.float32)[:, None] * INV_FREQ
+    assert cos_cache.shape == sin_cache.shape == (100, HALF)
+    np.testing.assert_allclose(cos_cache, np.cos(angles), atol=1e-6)
+    np.testing.assert_allclose(sin_cache, np.sin(angles), atol=1e-6)
+
+
+def test_a_table_whose_rows_change_with_the_sequences_length_is_not_used():
+    model = rope_graph(INV_FREQ, scale_by_length=True)
+    assert evaluate_at_positions(model, ["cos", "sin"], 100) is not None  # refused by the check, not by a failure
+    assert rotary_tables(model, [("cos", "sin")], 100) == {}
+
+
+def test_a_table_that_is_not_two_equal_halves_is_not_used():
+    """rotate_half pairs dimension i with i + head_dim / 2, which is what two equal halves of cos encode; an
+    interleaved rope's tables are not of that form."""
+    model = rope_graph(INV_FREQ)
+    concat = next(node for node in model.graph.node if node.op_type == "Concat")
+    concat.input[1] = "angles_shifted"
+    model.graph.node.insert(list(model.graph.node).index(concat), helper.make_node(
+        "Add", ["angles", "frequencies"], ["angles_shifted"]))
+    assert evaluate_at_positions(model, ["cos", "sin"], 100) is not None
+    assert rotary_tables(model, [("cos", "sin")], 100) == {}
+
+
+def test_a_table_computed_from_a_weight_is_not_evaluated():
+    """Only position inputs may feed the tables: anything else (a weight, the hidden states) means they are not
+    a function of position alone, and the graph keeps its rotary embedding."""
+    model = rope_graph(INV_FREQ)
+    frequencies = next(i for i in model.graph.initializer if i.name == "frequencies")
+    model.graph.initializer.remove(frequencies)
+    model.graph.input.append(helper.make_tensor_value_info("frequencies", TensorProto.FLOAT, [HALF]))
+    assert evaluate_at_positions(model, ["cos", "sin"], 100) is None
+    assert rotary_tables(model, [("cos", "sin")], 100) == {}
