@@ -221,6 +221,29 @@ def test_decode_steps_bound_once_follow_the_cache_when_it_grows_under_them(quant
     assert runner.capacity == 2 * CACHE_GROWTH_START
 
 
+def test_the_rewrite_feeds_each_projection_to_attention_whole_and_unrotated(quantized_dir):
+    """On a Llama graph the op reads q_proj, k_proj and v_proj's outputs as they are: the split into heads, its
+    undoing and the rotary embedding are all gone from the path (GroupQueryAttention rotates)."""
+    import onnx
+    from transformers import AutoConfig
+
+    from orion_cli.serve.onnx_attention import Heads, rewrite_attention
+
+    config = AutoConfig.from_pretrained(quantized_dir / "quantized").get_text_config()
+    heads = Heads(config.num_attention_heads, config.num_key_value_heads,
+                  config.hidden_size // config.num_attention_heads)
+    graph = onnx.load(quantized_dir / "quantized" / "model.onnx", load_external_data=False)
+    rewritten = rewrite_attention(graph, heads, rotary_positions=64)
+    producer = {out: node for node in rewritten.graph.node for out in node.output}
+    attention = [node for node in rewritten.graph.node if node.op_type == "GroupQueryAttention"]
+    assert len(attention) == config.num_hidden_layers
+    for node in attention:
+        assert [producer[name].name.rsplit("/", 2)[-2] for name in node.input[:3]] == ["q_proj", "k_proj", "v_proj"]
+        assert {a.name: a.i for a in node.attribute}["do_rotary"] == 1
+        assert len(node.input) == 9  # the cos and sin tables
+    assert not any(node.op_type in ("Neg", "Sin", "Cos") for node in rewritten.graph.node)
+
+
 def test_a_rewritten_graph_onnxruntime_refuses_falls_back_to_the_exported_attention(quantized_dir):
     """A config that misstates the head size: the static cache's buffers do not fit the graph, the load-time probe
     fails, and the model is served with its exported attention, saying why."""

@@ -24,7 +24,10 @@ ALiBi's bias, for one, rides on that Add. Sliding windows become the node's loca
 layer by layer. The rotary embedding is folded into the node where
 onnx_rotary.py recognizes it (the op rotates query and keys itself, from the
 graph's own cos/sin tables); elsewhere it stays as exported and the node
-takes the rotated query and keys. Positions come from position_ids (a graph
+takes the rotated query and keys. Where query, keys or values are a
+projection's output split into heads and nothing else, the op reads the
+projection's output itself (its own layout), so the split and its undoing
+go too. Positions come from position_ids (a graph
 without that input derives them from the cache's length, which a static
 buffer no longer gives, and keeps its exported attention).
 """
@@ -136,8 +139,8 @@ class _Graph:
                           ((query_rotation, "query"), (key_rotation, "key")))
             rotary = {"inputs": list(self.rotary_tables[pair][:2]),
                       "attributes": {"do_rotary": 1, "rotary_interleaved": 0}}
-        inputs = [self._to_bsh(query, f"{prefix}/query"), self._to_bsh(key, f"{prefix}/key"),
-                  self._to_bsh(value_concat.input[1], f"{prefix}/value"),
+        inputs = [self._to_bsh(query, f"{prefix}/query", heads.size), self._to_bsh(key, f"{prefix}/key", heads.size),
+                  self._to_bsh(value_concat.input[1], f"{prefix}/value", heads.size),
                   key_concat.input[0], value_concat.input[0], SEQLENS, TOTAL, *rotary.get("inputs", [])]
         attention = helper.make_node(
             "GroupQueryAttention", inputs, [reshape.output[0], key_concat.output[0], value_concat.output[0]],
@@ -232,12 +235,51 @@ class _Graph:
             return args[0] * args[1]
         return None
 
-    def _to_bsh(self, name: str, prefix: str) -> str:
-        """[batch, heads, positions, head_dim] as GroupQueryAttention reads it: [batch, positions, heads*head_dim]."""
+    def _to_bsh(self, name: str, prefix: str, head_size: int) -> str:
+        """[batch, heads, positions, head_dim] as GroupQueryAttention reads it: [batch, positions, heads*head_dim].
+        Where `name` is the projection's output split into heads (Reshape to [batch, positions, -1, head_dim],
+        Transpose), that is the projection's output itself: the split and its undoing are skipped."""
+        split = self._split_source(name, head_size)
+        if split is not None:
+            return split
         transposed, flat = f"{prefix}/bsnh", f"{prefix}/bsh"
         self.graph.node.append(helper.make_node("Transpose", [name], [transposed], name=transposed, perm=[0, 2, 1, 3]))
         self.graph.node.append(helper.make_node("Reshape", [transposed, "orion_gqa_bsh_shape"], [flat], name=flat))
         return flat
+
+    def _split_source(self, name: str, head_size: int) -> str | None:
+        """X when `name` is Transpose(Reshape(X, [X's batch, X's positions, -1 or heads, head_size]), 0 2 1 3) and X
+        comes from a matrix product, a bias Add or a Slice of fused projections ([batch, positions, features])."""
+        transpose = self.producer.get(name)
+        if transpose is None or transpose.op_type != "Transpose" or \
+                list(helper.get_attribute_value(transpose.attribute[0])) != [0, 2, 1, 3]:
+            return None
+        reshape = self.producer.get(transpose.input[0])
+        if reshape is None or reshape.op_type != "Reshape":
+            return None
+        source, shape = self.producer.get(reshape.input[0]), self.producer.get(reshape.input[1])
+        if source is None or source.op_type not in ("MatMul", "MatMulNBits", "Add", "Slice") or shape is None or \
+                shape.op_type != "Concat" or len(shape.input) != 4:
+            return None
+        dims = [self._dim_of(part) for part in shape.input[:2]]
+        heads, size = (self._scalar(self._unsqueezed(part)) for part in shape.input[2:])
+        if None in dims or dims[0][0] != dims[1][0] or [axis for _, axis in dims] != [0, 1] or \
+                size != head_size or heads is None or not (heads == -1 or heads > 0):
+            return None
+        return reshape.input[0]
+
+    def _unsqueezed(self, name: str) -> str:
+        node = self.producer.get(name)
+        return node.input[0] if node is not None and node.op_type == "Unsqueeze" else name
+
+    def _dim_of(self, name: str) -> tuple[str, float] | None:
+        """(T, i) when `name` is Unsqueeze(Gather(Shape(T), i)): one dimension of T as a 1-element tensor."""
+        gather = self.producer.get(self._unsqueezed(name))
+        if gather is None or gather.op_type != "Gather":
+            return None
+        shape = self.producer.get(gather.input[0])
+        axis = self._scalar(gather.input[1])
+        return (shape.input[0], axis) if shape is not None and shape.op_type == "Shape" and axis is not None else None
 
 
 def _prune(graph: onnx.GraphProto) -> None:
