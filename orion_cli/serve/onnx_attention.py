@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .onnx_graph import nodes_computing
 from .onnx_rotary import find_rotation, rotary_tables, table_initializers
 
 SEQLENS = "seqlens_k"  # int32 [batch]: each row's length after this step, minus one
@@ -129,7 +130,7 @@ class _Graph:
         query, query_scale = self._unscaled(scores.input[0])
         keys_scale = self._scale_on_path(scores.input[1], layer)
         scale = query_scale * keys_scale
-        key, rotary = key_concat.input[1], {}
+        key, rotary_inputs, rotary_attributes = key_concat.input[1], [], {}
         query_rotation, key_rotation = find_rotation(query, self.producer), find_rotation(key, self.producer)
         pair = (key_rotation.cos, key_rotation.sin) if key_rotation else None
         prefix = f"/orion_gqa/layers.{layer}"
@@ -137,17 +138,17 @@ class _Graph:
                 and query_rotation.cast_to == key_rotation.cast_to and self.rotary_tables[pair][2] * 2 == heads.size:
             query, key = (self._cast(rotation, f"{prefix}/{what}") for rotation, what in
                           ((query_rotation, "query"), (key_rotation, "key")))
-            rotary = {"inputs": list(self.rotary_tables[pair][:2]),
-                      "attributes": {"do_rotary": 1, "rotary_interleaved": 0}}
+            rotary_inputs = list(self.rotary_tables[pair][:2])
+            rotary_attributes = {"do_rotary": 1, "rotary_interleaved": 0}
         inputs = [self._to_bsh(query, f"{prefix}/query", heads.size), self._to_bsh(key, f"{prefix}/key", heads.size),
                   self._to_bsh(value_concat.input[1], f"{prefix}/value", heads.size),
-                  key_concat.input[0], value_concat.input[0], SEQLENS, TOTAL, *rotary.get("inputs", [])]
+                  key_concat.input[0], value_concat.input[0], SEQLENS, TOTAL, *rotary_inputs]
         attention = helper.make_node(
             "GroupQueryAttention", inputs, [reshape.output[0], key_concat.output[0], value_concat.output[0]],
             name=f"{prefix}/GroupQueryAttention", domain="com.microsoft", num_heads=heads.query,
             kv_num_heads=heads.key_value, scale=scale,
             local_window_size=window or -1,  # a query at i sees keys after i - window, as transformers' masks
-            **rotary.get("attributes", {}))
+            **rotary_attributes)
         for node in (key_concat, value_concat, reshape):
             self.graph.node.remove(node)
         self.graph.node.append(attention)
@@ -285,17 +286,8 @@ class _Graph:
 def _prune(graph: onnx.GraphProto) -> None:
     """Drop the nodes no graph output depends on (the replaced attention, the mask built for it), put the rest in
     topological order, and drop graph inputs nothing reads."""
-    producer = {out: node for node in graph.node for out in node.output}
-    live: dict[int, onnx.NodeProto] = {}
-    stack = [o.name for o in graph.output]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is None or id(node) in live:
-            continue
-        live[id(node)] = node
-        stack.extend(node.input)
     ordered, done = [], set(i.name for i in graph.input) | {i.name for i in graph.initializer} | {""}
-    pending = [n for n in graph.node if id(n) in live]
+    pending = nodes_computing(graph, [o.name for o in graph.output])
     while pending:
         left = []
         for node in pending:

@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .onnx_graph import nodes_computing
+
 POSITION_INPUTS = ("position_ids", "input_ids", "attention_mask")
 _CHECK_POSITIONS = 16  # the short evaluation a table's first rows are compared with
 
@@ -142,14 +144,7 @@ def evaluate_at_positions(model: onnx.ModelProto, names: list[str], positions: i
 def _part_computing(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of `model` with only the nodes, inputs and initializers `names` are computed from, in graph order."""
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    live, stack = set(), list(names)
-    while stack:
-        node = producer.get(stack.pop())
-        if node is not None and id(node) not in live:
-            live.add(id(node))
-            stack.extend(node.input)
-    nodes = [node for node in graph.node if id(node) in live]
+    nodes = nodes_computing(graph, names)
     read = {name for node in nodes for name in node.input}
     part = helper.make_graph(nodes, "rotary_tables", [i for i in graph.input if i.name in read],
                              [helper.make_empty_tensor_value_info(name) for name in names],

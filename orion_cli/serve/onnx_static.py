@@ -61,7 +61,7 @@ class StaticCacheRunner(OnnxRunner):
 
     def _decode(self, tokens: list[list[int]], starts: list[int]) -> np.ndarray:
         self._reserve(max(starts) + 1)
-        if self.decoder.vocab_size is not None and all(len(row) == 1 for row in tokens):
+        if self.decoder.vocab_size is not None:  # a decode step is one token per row (the scheduler's plan)
             logits = self._decode_bound(tokens, starts)
         else:  # logits of a width the graph does not declare
             logits = self._step(np.array(tokens, dtype=np.int64), starts, 0, len(starts))
