@@ -146,6 +146,8 @@ class OnnxWeights:
             self._arrays[tensor.name] = raw.view(dtype).reshape(tuple(tensor.dims))
         self._blocks: dict[str, _Site] = {}
         self.foreign: list[str] = []  # quantized nodes whose weights are not named after a checkpoint tensor
+        # a tied embedding reads the head's blocks through a Reshape (quantize/graph.py: tied_embedding_node)
+        reshaped = {node.output[0]: node.input[0] for node in model.graph.node if node.op_type == "Reshape"}
         for node in model.graph.node:
             if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
                 continue
@@ -160,7 +162,8 @@ class OnnxWeights:
             name = HEAD_WEIGHT if match.group(2) == ".lm_head" else packed[: match.start()]
             block_size = int(attrs["block_size"])
             k = int(attrs["K"]) if not gather else self._arrays[scales].shape[-1] * block_size
-            self._blocks[name] = _Site(packed, scales, zero_points, int(attrs.get("bits", 4)), block_size, k)
+            stored = packed if packed in self._arrays else reshaped.get(packed, packed)
+            self._blocks[name] = _Site(stored, scales, zero_points, int(attrs.get("bits", 4)), block_size, k)
 
     def __contains__(self, name: str) -> bool:
         return name in self._arrays or name in self._blocks

@@ -81,9 +81,11 @@ def check_allocation(metadata: dict, level: str, measured: bool) -> None:
 
     recipe, allocation = LEVELS[level], metadata["quantization"]["allocation"]
     formats = {(f.bits, f.block) for f in recipe.formats}
+    tied = any("tied_to" in t for t in metadata["tensors"])  # then the head takes the embedding's formats
     for tensor in metadata["tensors"]:
         bits, block = tensor["bits"], tensor["block_size"]
-        if tensor["role"] == "embedding":  # GatherBlockQuantized: the largest block dividing the hidden size
+        # GatherBlockQuantized: the largest block dividing the hidden size
+        if tensor["role"] == "embedding" or (tied and tensor["role"] == "lm_head"):
             assert any(bits == b and block <= f for b, f in formats), tensor
         else:
             assert (bits, block) in formats, tensor
@@ -177,6 +179,31 @@ def test_q3_and_q2_generate_in_optimum(arch, level, quantize_models, tmp_path):
     check_allocation(result.metadata, level, measured=False)  # a 64-wide head has no 2/128 format to measure
     # round-to-nearest needs no Hessians: only the sensitivity sample is calibrated (was all 8192 tokens)
     assert result.metadata["quantization"]["calibration"]["text"]["windows"] == SAMPLE_WINDOWS
+    check_loads_and_generates(result.model_dir)
+
+
+def test_a_tied_table_is_stored_once_and_the_model_fits_its_budget(tmp_path):
+    """The bug this fixes: a tied model's table was quantized twice, as the embedding and as the head, so a
+    model whose table is a large share of its weights (Qwen3-0.6B: 0.18x at q4) overran the 0.16x budget that
+    counts the table once. Here the table is 60% of the weights: twice stored, even 4/64 everywhere is 0.22x."""
+    model = build_tiny_model("llama-tied", tmp_path / "tied", vocab_size=8192, hidden_size=256,
+                             intermediate_size=512, initializer_range=INIT_RANGE)
+    result = quantize_model(model, tmp_path / "q4", level="q4", method="rtn")
+    metadata = result.metadata
+    assert metadata["quantization"]["allocation"]["within_budget"]
+    assert metadata["quantization"]["allocation"]["tied_embedding"]
+    assert metadata["sizes"]["quantized_bytes"] <= 0.16 * metadata["sizes"]["fp32_bytes"]
+    tensors = {t["role"]: t for t in metadata["tensors"] if t["role"] != "linear"}
+    assert tensors["embedding"]["tied_to"] == tensors["lm_head"]["name"] and tensors["embedding"]["bytes"] == 0
+    assert (tensors["embedding"]["bits"], tensors["embedding"]["block_size"]) == \
+        (tensors["lm_head"]["bits"], tensors["lm_head"]["block_size"])
+    graph = onnx.load(str(result.model_dir / "model.onnx"), load_external_data=False).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/"))
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    assert producers[gather.input[0]].op_type == "Reshape" and producers[gather.input[0]].input[0] == head.input[1]
+    assert gather.input[2:] == head.input[2:4]
+    assert len(graph.initializer) == len({i.name for i in graph.initializer})
     check_loads_and_generates(result.model_dir)
 
 

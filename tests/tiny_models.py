@@ -77,8 +77,9 @@ def tiny_config(name: str, **overrides: Any):
     tokenizer = tiny_tokenizer()
     eos, pad = tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(PAD)
     shape = {} if class_name == "GPT2Config" else dict(_SHAPE)
+    # a larger vocab_size override is a padded table, as many real models have (rows no token id reaches)
     return getattr(transformers, class_name)(
-        vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
+        vocab_size=overrides.pop("vocab_size", len(tokenizer)), bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
         # Wider than the usual 0.02 so random logits are far apart and greedy
         # decoding is not decided by float rounding.
         **{"initializer_range": 0.2, **shape, **extra, **overrides},

@@ -89,17 +89,28 @@ def site_formats(site: WeightSite, formats: tuple[Format, ...]) -> tuple[Format,
 
 def allocate_sites(sites: list[WeightSite], formats_of: Mapping[str, tuple[Format, ...]],
                    predicted: Mapping[str, Mapping[Format, float]], nbytes: Callable[[str, Format], int],
-                   budget_bytes: int, fixed_bytes: int) -> dict[str, Any]:
-    """Each site's format (`formats_of` cheapest first, `nbytes(node, format)` as stored), and the record."""
-    options = {site.node: {f: Option(nbytes(site.node, f), predicted[site.node][f]) for f in formats_of[site.node]}
-               for site in sites}
+                   budget_bytes: int, fixed_bytes: int, tied: Mapping[str, WeightSite] = {}) -> dict[str, Any]:
+    """Each site's format (`formats_of` cheapest first, `nbytes(node, format)` as stored), and the record.
+
+    A tied embedding (`tied`: {head node: embedding site}, both with the same formats) reads the head's blocks:
+    the pair is one choice, its bytes counted once and its KL the sum of both sites' predictions."""
+    shared = {embedding.node: head for head, embedding in tied.items()}
+
+    def kl(node: str, form: Format) -> float:
+        return predicted[node][form] + (predicted[tied[node].node][form] if node in tied else 0.0)
+
+    options = {site.node: {f: Option(nbytes(site.node, f), kl(site.node, f)) for f in formats_of[site.node]}
+               for site in sites if site.node not in shared}
     format_of, fits = allocate(options, budget_bytes - fixed_bytes)
+    planned = fixed_bytes + sum(options[node][f].nbytes for node, f in format_of.items())
+    format_of.update({embedding: format_of[head] for embedding, head in shared.items()})
     return {
         "budget_bytes": budget_bytes,
         "fixed_bytes_estimate": fixed_bytes,
-        "planned_bytes": fixed_bytes + sum(options[node][f].nbytes for node, f in format_of.items()),
+        "planned_bytes": planned,
         "within_budget": fits,
         "raised": [s.name for s in sites if format_of[s.node] != formats_of[s.node][0]],
+        "tied_embedding": bool(tied),
         "format_of": format_of,
         "predicted_kl": predicted,
     }

@@ -13,8 +13,10 @@ data file, written tensor by tensor (ExternalData).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from ..onnx_export.parameters import ExternalData, parameter_inputs
 from .blockwise import BlockQuantized
@@ -110,9 +112,16 @@ def _reaches_logits(node: onnx.NodeProto, consumers: dict[str, list[onnx.NodePro
     return "logits" in frontier
 
 
+def tied_sites(sites: list[WeightSite]) -> dict[str, WeightSite]:
+    """{head node: embedding site} where the LM head multiplies by the token embedding's own table."""
+    embeddings = {site.param: site for site in sites if site.role == "embedding"}
+    return {site.node: embeddings[site.param] for site in sites
+            if site.role == "lm_head" and site.param in embeddings}
+
+
 def quantized_node(model: onnx.ModelProto, site: WeightSite, quantized: BlockQuantized, data: ExternalData,
-                   accuracy_level: int) -> None:
-    """Swap the site's node for its quantized operator, its tensors written to `data`."""
+                   accuracy_level: int) -> str:
+    """Swap the site's node for its quantized operator, its tensors written to `data`; returns their prefix."""
     graph = model.graph
     index, node = next((i, n) for i, n in enumerate(graph.node) if n.name == site.node)
     # Named after the module (model.layers.3.mlp.down_proj.weight.q4), as a checkpoint names it,
@@ -145,6 +154,31 @@ def quantized_node(model: onnx.ModelProto, site: WeightSite, quantized: BlockQua
         _remove_if_unused(graph, site.transpose_node)
     if not any(op.domain == MS_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return prefix
+
+
+def tied_embedding_node(model: onnx.ModelProto, site: WeightSite, head_prefix: str, quantized: BlockQuantized) -> None:
+    """Swap the embedding's Gather for a GatherBlockQuantized reading the tied head's blocks (`head_prefix`, as
+    quantized_node wrote them): the files hold the table once, as a GGUF holds a tied model's token_embd once.
+
+    The two operators want the same bytes in different shapes: MatMulNBits' B is [N, blocks, bytes per block]
+    (anything else fails its PrePack), GatherBlockQuantized's data [N, bytes per row] (its scales are rank 2,
+    and it refuses data of another rank). Scales and zero points have one layout for both. So a Reshape joins
+    them, which onnxruntime folds into a constant at load."""
+    graph = model.graph
+    index, node = next((i, n) for i, n in enumerate(graph.node) if n.name == site.node)
+    rows = f"{site.name}.weight.q{quantized.bits}"  # the embedding's name: onnx_weights reads it as such
+    shape = numpy_helper.from_array(np.array([quantized.n, -1], dtype=np.int64), f"{rows}.shape")
+    graph.initializer.append(shape)
+    reshape = helper.make_node("Reshape", [head_prefix, shape.name], [rows], name=f"{node.name}_tied_rows")
+    gather = helper.make_node(
+        "GatherBlockQuantized", [rows, node.input[1], f"{head_prefix}.scales", f"{head_prefix}.zero_points"],
+        list(node.output), name=f"{node.name}_q{quantized.bits}", domain=MS_DOMAIN,
+        bits=quantized.bits, block_size=quantized.block_size, gather_axis=0, quantize_axis=1,
+    )
+    graph.node.remove(node)
+    graph.node.insert(index, gather)
+    graph.node.insert(index, reshape)
 
 
 def _remove_if_unused(graph: onnx.GraphProto, node_name: str) -> None:

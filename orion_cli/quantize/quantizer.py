@@ -40,7 +40,7 @@ from ..progress import NULL_PROGRESS, ProgressReporter, Stopwatch
 from .budget import CalibrationPlan, calibration_cost, plan_calibration
 from .calibration import collect_hessians
 from .evaluate import evaluate_quantized
-from .graph import WeightSite, find_weight_sites, quantized_node
+from .graph import WeightSite, find_weight_sites, quantized_node, tied_embedding_node, tied_sites
 from .layerwise import LayerwiseModel
 from .allocate import allocate_sites, site_formats
 from .levels import ACCURACY_LEVEL, Format, Level, get_level, resolve_methods
@@ -182,6 +182,11 @@ class _QuantizeJob:
         self.linear_method, self.embedding_method = resolve_methods(settings.method)
         self.formats_of = {site.node: site_formats(site, recipe.with_block(settings.block_size))
                            for site in self.sites}
+        # A tied embedding reads the head's blocks, so the table is stored once (graph.tied_embedding_node), in
+        # formats both operators run; not with hqq, whose float zero points GatherBlockQuantized cannot read.
+        self.tied = tied_sites(self.sites) if self.linear_method != "hqq" else {}
+        for head, embedding in self.tied.items():
+            self.formats_of[head] = self.formats_of[embedding.node]
         formats = recipe.with_block(settings.block_size)
         self.block = formats[0].block  # the cheapest format's, for the registry
         inputs = {node.name: node.input[0] for node in self.onnx_model.graph.node if node.input}
@@ -233,13 +238,21 @@ class _QuantizeJob:
         if self.plan.tokens:
             self.watch.durations["calibration_forward"] = round(self.watch.durations["quantize"] - placing["seconds"], 3)
         records: dict[str, dict[str, Any]] = {}
+        tied_embeddings = {embedding.node for embedding in self.tied.values()}
         with self.watch.time("allocate"):
             allocation = self._allocate(errors, measured, store)
+            prefixes = {}
             for site in self.sites:
                 form = allocation["format_of"][site.node]
                 chosen = store.get(site.node, form)
-                quantized_node(self.onnx_model, site, chosen, data, ACCURACY_LEVEL)
+                prefixes[site.node] = quantized_node(self.onnx_model, site, chosen, data, ACCURACY_LEVEL) \
+                    if site.node not in tied_embeddings else None
                 records[site.node] = tensor_record(site, chosen, allocation["predicted_kl"][site.node])
+            for head, embedding in self.tied.items():
+                chosen = store.get(head, allocation["format_of"][head])
+                tied_embedding_node(self.onnx_model, embedding, prefixes[head], chosen)
+                records[embedding.node] = tensor_record(embedding, chosen, allocation["predicted_kl"][embedding.node],
+                                                        tied_to=records[head]["name"])
             store.close()
             (self.scratch / "candidates.bin").unlink()
         with self.watch.time("write"), self.progress.stage("Writing the quantized model"):
@@ -341,7 +354,7 @@ class _QuantizeJob:
         predicted = measured.predict(self.sites, errors, self.formats_of, self.reference.layer_of)
         fraction = self.settings.size_budget or self.recipe.size_budget
         allocation = allocate_sites(self.sites, self.formats_of, predicted, store.nbytes,
-                                    int(fraction * 4 * self.parameter_count), self._fixed_bytes())
+                                    int(fraction * 4 * self.parameter_count), self._fixed_bytes(), self.tied)
         if not allocation["within_budget"]:
             log.warning("the cheapest format of every tensor already exceeds %s's budget of %.3fx the fp32 size",
                         self.recipe.name, fraction)

@@ -30,8 +30,9 @@ def _onnx_bytes(directory: Path) -> int:
 
 def quantize_metadata(*, source, recipe, block, method, plan, embedding_method, tensors, allocation, texts,
                       parameter_count, quant_dir: Path, quality, watch, accuracy_level) -> dict[str, Any]:
-    elements = sum(t["shape"][0] * t["shape"][1] for t in tensors)
-    nominal = sum(t["bits"] * t["shape"][0] * t["shape"][1] for t in tensors) / elements
+    stored_tensors = [t for t in tensors if "tied_to" not in t]  # a tied embedding's table is the head's
+    elements = sum(t["shape"][0] * t["shape"][1] for t in stored_tensors)
+    nominal = sum(t["bits"] * t["shape"][0] * t["shape"][1] for t in stored_tensors) / elements
     stored = sum(t["bytes"] for t in tensors)
     source_bytes = source.weight_bytes
     quantized_bytes = _onnx_bytes(quant_dir)
@@ -82,8 +83,9 @@ def quantize_metadata(*, source, recipe, block, method, plan, embedding_method, 
     return document
 
 
-def tensor_record(site, quantized, predicted: dict | None = None) -> dict[str, Any]:
-    """One entry of metadata.json's `tensors`: the site, the format it got, its predicted KL in each format."""
+def tensor_record(site, quantized, predicted: dict | None = None, tied_to: str | None = None) -> dict[str, Any]:
+    """One entry of metadata.json's `tensors`: the site, the format it got, its predicted KL in each format.
+    A tied embedding reads the blocks of the head `tied_to`: its bytes are the head's, counted there."""
     record = {
         "name": site.name,
         "parameter": site.param,
@@ -93,9 +95,11 @@ def tensor_record(site, quantized, predicted: dict | None = None) -> dict[str, A
         "bits": quantized.bits,
         "block_size": quantized.block_size,
         "method": quantized.method,
-        "bytes": quantized.nbytes,
-        "fp32_bytes": site.elements * 4,
+        "bytes": 0 if tied_to else quantized.nbytes,
+        "fp32_bytes": 0 if tied_to else site.elements * 4,
     }
+    if tied_to:
+        record["tied_to"] = tied_to
     if predicted and len(predicted) > 1:
         record["predicted_kl_by_format"] = {str(f): float(f"{kl:.4g}") for f, kl in predicted.items()}
     return record
