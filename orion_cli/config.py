@@ -129,7 +129,8 @@ class ServeSettings(_Section):
     port: int = Setting("HTTP port (0 picks a free one).", ge=0, le=65535)
     engine: ServeEngine = Setting("torch (torchrun ranks, --tp/--pp) or onnxruntime (one process; a checkpoint is "
                                   "exported to fp32 ONNX once, into cache_dir); auto: onnxruntime for an ONNX "
-                                  "model served whole, else torch.")
+                                  "model served whole, else torch, but onnxruntime for a checkpoint served whole "
+                                  "whose transformers class the torch engine cannot run (StableLM).")
     tp: int = Setting("Tensor-parallel ranks per pipeline stage.", ge=1)
     pp: int = Setting("Pipeline stages (typically one per node).", ge=1)
     pp_split: str | None = Setting("Layers per stage, e.g. 10,14 (null: even).", metavar="N,M,..")

@@ -121,7 +121,7 @@ def check_loads_and_generates(model_dir: Path) -> None:
 NO_POSITION_IDS = "the graph takes no position_ids"  # optimum's Gemma exports derive them from the cache's length
 KEEPS_EXPORTED_ATTENTION = {
     "gemma": NO_POSITION_IDS, "gemma2": NO_POSITION_IDS, "gemma3_text": NO_POSITION_IDS,
-    "gpt2": "positions that are not rotary",  # learned positions; its scale also comes from a shape
+    "gpt2": "positions that are not rotary",  # learned positions
 }
 
 

@@ -125,23 +125,25 @@ def test_a_dead_worker_fails_in_flight_requests_then_the_group_restarts_then_giv
         assert not leftovers, f"processes left behind: {leftovers}"
 
 
-@pytest.mark.parametrize("config, code, message", [
+@pytest.mark.parametrize("config, flags, code, message", [
     ({"model_type": "my_custom", "auto_map": {"AutoConfig": "configuration_custom.MyConfig",
                                               "AutoModelForCausalLM": "modeling_custom.MyModel"}},
-     2, "names custom modeling code (auto_map); pass --trust-remote-code to run it"),
+     (), 2, "names custom modeling code (auto_map); pass --trust-remote-code to run it"),
     ({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]},
-     1, "architecture T5ForConditionalGeneration (model_type 't5') has no causal-LM class in transformers"),
+     (), 1, "architecture T5ForConditionalGeneration (model_type 't5') has no causal-LM class in transformers"),
+    # served whole, `--engine auto` gives such a model to onnxruntime (test_serve_onnx_export.py); split, it cannot
     ({"model_type": "stablelm", "architectures": ["StableLmForCausalLM"]},
-     1, "picks its attention classes itself and takes no attention function"),
+     ("--tp", "2"), 1, "takes no attention function, so the torch engine (whose KV cache is an attention function) "
+                       "cannot run it; serve it in one process with --engine onnxruntime"),
 ], ids=["remote-code", "no-causal-lm-class", "no-attention-functions"])
-def test_what_cannot_run_is_refused_with_the_reason(orion, tiny_llama, tmp_path, config, code, message):
+def test_what_cannot_run_is_refused_with_the_reason(orion, tiny_llama, tmp_path, config, flags, code, message):
     import json
     import shutil
 
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)
     (model / "config.json").write_text(json.dumps({**json.loads((model / "config.json").read_text()), **config}))
-    result = orion("serve", model, "--port", "0")
+    result = orion("serve", model, "--port", "0", *flags)
     assert result.exit_code == code, result.stderr
     assert message in result.stderr.strip().splitlines()[-1], result.stderr
     assert _no_children()

@@ -99,6 +99,31 @@ def test_a_checkpoint_is_served_by_onnxruntime_from_its_cached_export(tiny_llama
     assert [p.name for p in (cache / EXPORT_SUBDIR).iterdir()] == [exported.rsplit("/", 1)[1]]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_an_architecture_the_torch_engine_cannot_run_is_served_by_onnxruntime(tiny_models, tmp_path):
+    """transformers' StableLM takes no attention function, so the torch engine cannot run it: `--engine auto`
+    serves its export instead (a warning says so) and it answers what generate() does. Its graph is the one
+    whose attention scale comes from the query's shape, and whose rotary embedding turns 16 of 64 dims."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_models["stablelm"]
+    prompt = PROMPT[:6]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    body = {"model": path.name, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    with serving(path, "--port", "0", env={"ORION_CACHE_DIR": str(tmp_path / "cache")}) as server:
+        assert server.ready["engine"] == "onnxruntime"
+        logged = " ".join(" ".join(server.stderr_lines).split())  # rich wraps a long record over lines
+        assert "takes no attention function" in logged and "with onnxruntime instead" in logged, logged
+        card = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]
+        assert card["orion"]["attention"] == "GroupQueryAttention, static KV cache, rotary embedding folded in"
+        reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["token_ids"] == expected
+
+
 def test_what_onnxruntime_cannot_do_is_refused_before_any_export(orion, tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("ORION_CACHE_DIR", str(tmp_path / "cache"))
     result = orion("serve", tiny_llama, "--engine", "onnxruntime", "--tp", "2")

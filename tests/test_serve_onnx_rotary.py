@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from orion_cli.serve.onnx_rotary import evaluate_at_positions, rotary_tables
+from orion_cli.serve.onnx_rotary import evaluate_at_positions, find_rotation, rotary_tables
 
 HALF = 4  # head_dim 8
 INV_FREQ = (1.0 / 10000 ** (np.arange(HALF) / HALF)).astype(np.float32)
@@ -78,3 +78,48 @@ def test_a_table_computed_from_a_weight_is_not_evaluated():
     model.graph.input.append(helper.make_tensor_value_info("frequencies", TensorProto.FLOAT, [HALF]))
     assert evaluate_at_positions(model, ["cos", "sin"], 100) is None
     assert rotary_tables(model, [("cos", "sin")], 100) == {}
+
+
+def partial_rotation(rotated: tuple, passed: tuple) -> dict[str, onnx.NodeProto]:
+    """The nodes (by output) of partial rotary as the export writes it: Concat(rotate(x[..., a:b]), x[..., c:d]),
+    each bound an Unsqueezed Constant, or, where it is a name, that computed scalar Unsqueezed (Phi-3's code
+    slices at cos's width, read off its shape)."""
+    nodes = []
+
+    def constant(value) -> str:
+        name = f"c{len(nodes)}"
+        if isinstance(value, str):
+            nodes.append(helper.make_node("Unsqueeze", [value, "zero"], [name]))
+            return name
+        nodes.append(helper.make_node("Constant", [], [f"{name}.scalar"],
+                                      value=numpy_helper.from_array(np.array(value, dtype=np.int64))))
+        nodes.append(helper.make_node("Unsqueeze", [f"{name}.scalar", "zero"], [name]))
+        return name
+
+    def last_axis_slice(source: str, start: int, end: int, out: str) -> None:
+        nodes.append(helper.make_node("Slice", [source, constant(start), constant(end), constant(3), constant(1)],
+                                      [out]))
+
+    half = 8  # rotate_half's own bounds are not what is checked here
+    last_axis_slice("x", *rotated, "rot")
+    last_axis_slice("x", *passed, "pass")
+    last_axis_slice("rot", half, 2 ** 63 - 1, "second_half")
+    last_axis_slice("rot", 0, half, "first_half")
+    nodes += [helper.make_node("Neg", ["second_half"], ["negated"]),
+              helper.make_node("Concat", ["negated", "first_half"], ["turned"], axis=-1),
+              helper.make_node("Mul", ["rot", "cos"], ["plain"]), helper.make_node("Mul", ["turned", "sin"], ["spun"]),
+              helper.make_node("Add", ["plain", "spun"], ["rotated"]),
+              helper.make_node("Concat", ["rotated", "pass"], ["query"], axis=-1)]
+    return {out: node for node in nodes for out in node.output}
+
+
+def test_partial_rotary_is_found_only_as_the_leading_dims_rotated_and_the_rest_passed():
+    """GroupQueryAttention rotates the leading 2 x width dims of each head and passes the rest (StableLM's 16 of
+    64); a graph rotating other dims, or passing fewer than the rest, keeps its exported rotary embedding."""
+    found = find_rotation("query", partial_rotation((0, 16), (16, 2 ** 63 - 1)))
+    assert (found.unrotated, found.cos, found.sin, found.partial) == ("x", "cos", "sin", True)
+    assert find_rotation("query", partial_rotation((16, 32), (32, 2 ** 63 - 1))) is None
+    assert find_rotation("query", partial_rotation((0, 16), (24, 2 ** 63 - 1))) is None
+    assert find_rotation("query", partial_rotation((0, 16), (16, 48))) is None
+    assert find_rotation("query", partial_rotation((0, "width"), ("width", 2 ** 63 - 1))).partial
+    assert find_rotation("query", partial_rotation((0, "width"), ("other_width", 2 ** 63 - 1))) is None

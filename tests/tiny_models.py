@@ -43,6 +43,11 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "granite": ("GraniteConfig", dict(embedding_multiplier=12.0, residual_multiplier=0.22,
                                       attention_multiplier=0.0625, logits_scaling=8.0, tie_word_embeddings=False)),
     "olmo2": ("Olmo2Config", dict(tie_word_embeddings=False)),
+    # rotary on a quarter of each head (16 of 64 dims, as StableLM-2), qkv biases, LayerNorm; torch's SDPA
+    # export computes its scale from the query's shape. (One head: at width 128 the random net is so chaotic
+    # that q4 moves it 0.09 nats.)
+    "stablelm": ("StableLmConfig", dict(num_attention_heads=1, num_key_value_heads=1, partial_rotary_factor=0.25,
+                                        use_qkv_bias=True, tie_word_embeddings=False)),
     "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0], tie_word_embeddings=True)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                          decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False)),
@@ -60,6 +65,16 @@ ARCHITECTURES = tuple(TINY)
 SLIDING = ("mistral", "gemma2", "gemma3_text")  # models whose sliding window the test prompts exceed
 # The five the seed covered, for tests whose cost grows with the table and whose subject is not breadth.
 CORE = ("llama", "mistral", "qwen2", "phi3", "gpt2")
+
+
+def torch_engine_runs(name: str) -> bool:
+    """Whether transformers' class for `name` takes attention functions, as orion serve's torch engine needs;
+    the others (StableLM) are served by onnxruntime (tests/test_serve_onnx_export.py)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    model_class = AutoModelForCausalLM._model_mapping[getattr(transformers, TINY[name][0])]
+    return bool(getattr(model_class, "_supports_attention_backend", False))
 
 
 def tiny_tokenizer():

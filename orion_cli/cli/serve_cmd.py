@@ -28,8 +28,9 @@ def serve(
     /v1/chat/completions, /v1/models, /health and /metrics. ONNX directories
     (orion quantize) are served by onnxruntime in one process; so is a
     checkpoint with --engine onnxruntime, after its fp32 ONNX export (made once,
-    kept in cache_dir). With --json, stdout carries one JSON line when the
-    server is ready and one when it stops.
+    kept in cache_dir), and one the torch engine cannot run (StableLM). With
+    --json, stdout carries one JSON line when the server is ready and one when
+    it stops.
 
     Examples:
 

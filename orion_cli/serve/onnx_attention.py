@@ -50,6 +50,10 @@ _PASS_THROUGH = {"Unsqueeze", "Expand", "Reshape", "Transpose", "Mul"}  # repeat
 _BSH_SHAPE = np.array([0, 0, -1], dtype=np.int64)  # Reshape's 0 keeps batch and positions: [B, S, heads*head_dim]
 
 
+_SCALAR_OPS = {"Cast": lambda a: a, "Sqrt": math.sqrt, "Reciprocal": lambda a: 1 / a, "Div": lambda a, b: a / b,
+               "Mul": lambda a, b: a * b}
+
+
 class NotRewritten(Exception):
     """Why a graph keeps its exported attention."""
 
@@ -127,15 +131,16 @@ class _Graph:
                 raise NotRewritten(f"layer {layer}: the values are weighted by something other than the Softmax")
         transpose = self._only(weighted.output[0], "Transpose", layer, "the weighted values are transposed back")
         reshape = self._only(transpose.output[0], "Reshape", layer, "and reshaped to [batch, positions, hidden]")
-        query, query_scale = self._unscaled(scores.input[0])
-        keys_scale = self._scale_on_path(scores.input[1], layer)
+        query, query_scale = self._unscaled(scores.input[0], heads.size)
+        keys_scale = self._scale_on_path(scores.input[1], layer, {query: heads.size})
         scale = query_scale * keys_scale
         key, rotary_inputs, rotary_attributes = key_concat.input[1], [], {}
         query_rotation, key_rotation = find_rotation(query, self.producer), find_rotation(key, self.producer)
         pair = (key_rotation.cos, key_rotation.sin) if key_rotation else None
         prefix = f"/orion_gqa/layers.{layer}"
         if query_rotation and pair == (query_rotation.cos, query_rotation.sin) and pair in self.rotary_tables \
-                and query_rotation.cast_to == key_rotation.cast_to and self.rotary_tables[pair][2] * 2 == heads.size:
+                and query_rotation.cast_to == key_rotation.cast_to and query_rotation.partial == key_rotation.partial \
+                and _rotates(self.rotary_tables[pair][2], heads.size, key_rotation.partial):
             query, key = (self._cast(rotation, f"{prefix}/{what}") for rotation, what in
                           ((query_rotation, "query"), (key_rotation, "key")))
             rotary_inputs = list(self.rotary_tables[pair][:2])
@@ -187,31 +192,34 @@ class _Graph:
             raise NotRewritten(f"layer {layer}: expected {expected}, found {[n.op_type for n in users]}")
         return users[0]
 
-    def _unscaled(self, name: str) -> tuple[str, float]:
+    def _unscaled(self, name: str, head_size: int) -> tuple[str, float]:
+        """(X, c) where `name` is X times the constant c, X the query: its last dimension is the head size."""
         node = self.producer.get(name)
         if node is not None and node.op_type == "Mul":
             for data, factor in ((0, 1), (1, 0)):
-                value = self._scalar(node.input[factor])
+                value = self._scalar(node.input[factor], {node.input[data]: head_size})
                 if value is not None:
                     return node.input[data], value
         return name, 1.0
 
-    def _scale_on_path(self, name: str, layer: int) -> float:
+    def _scale_on_path(self, name: str, layer: int, last_dims: dict[str, int]) -> float:
         scale, seen = 1.0, 0
         while (node := self.producer.get(name)) is not None and node.op_type in _PASS_THROUGH and seen < 8:
             if node.op_type == "Mul":
-                source, factor = self._unscaled(name)
-                if source == name:
+                factors = [self._scalar(i, last_dims) for i in node.input]
+                if factors.count(None) != 1:
                     raise NotRewritten(f"layer {layer}: the keys are multiplied by something not constant")
-                scale *= factor
-                name = source
+                scale *= next(f for f in factors if f is not None)
+                name = node.input[factors.index(None)]
             else:
                 name = node.input[0]
             seen += 1
         return scale
 
-    def _scalar(self, name: str) -> float | None:
-        """The value of a scalar computed from constants only (Constant, Cast, Sqrt, Div, Mul, Reciprocal)."""
+    def _scalar(self, name: str, last_dims: dict[str, int] | None = None) -> float | None:
+        """The value of a scalar computed from constants (Constant, Cast, Sqrt, Div, Mul, Reciprocal) and from the
+        last dimension of a tensor in `last_dims` read off its Shape: torch's SDPA export computes its default
+        scale, 1/sqrt(head size), from the query's shape."""
         if name in self.initializers:
             tensor = self.initializers[name]
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -224,17 +232,24 @@ class _Graph:
         if node.op_type == "Constant":
             array = numpy_helper.to_array(node.attribute[0].t) if node.attribute[0].name == "value" else None
             return float(array.reshape(-1)[0]) if array is not None and array.size == 1 else None
-        args = [self._scalar(i) for i in node.input]
-        if any(a is None for a in args):
+        shape = self.producer.get(node.input[0]) if node.op_type in ("Slice", "Gather") else None
+        if shape is not None and shape.op_type == "Shape":
+            known = (last_dims or {}).get(shape.input[0])
+            return float(known) if known is not None and not shape.attribute and self._reads_last(node) else None
+        if node.op_type not in _SCALAR_OPS:  # before evaluating inputs: a walk up the whole graph is exponential
             return None
-        unary = {"Cast": lambda a: a, "Sqrt": math.sqrt, "Reciprocal": lambda a: 1 / a}
-        if node.op_type in unary:
-            return unary[node.op_type](args[0])
-        if node.op_type == "Div":
-            return args[0] / args[1]
-        if node.op_type == "Mul":
-            return args[0] * args[1]
-        return None
+        args = [self._scalar(i, last_dims) for i in node.input]
+        return None if any(a is None for a in args) else _SCALAR_OPS[node.op_type](*args)
+
+    def _reads_last(self, node: onnx.NodeProto) -> bool:
+        """True when `node` takes a shape's last element: Gather of index -1, or Slice from -1 to the end."""
+        if node.op_type == "Gather":
+            return self._scalar(node.input[1]) == -1
+        bounds = [self._scalar(i) if i else None for i in node.input[1:]]
+        starts, ends = bounds[0], bounds[1]
+        axes = bounds[2] if len(bounds) > 2 and node.input[3] else 0.0
+        steps = bounds[3] if len(bounds) > 3 and node.input[4] else 1.0
+        return starts == -1 and ends is not None and ends >= 2 ** 31 - 1 and axes == 0 and steps == 1
 
     def _to_bsh(self, name: str, prefix: str, head_size: int) -> str:
         """[batch, heads, positions, head_dim] as GroupQueryAttention reads it: [batch, positions, heads*head_dim].
@@ -281,6 +296,13 @@ class _Graph:
         shape = self.producer.get(gather.input[0])
         axis = self._scalar(gather.input[1])
         return (shape.input[0], axis) if shape is not None and shape.op_type == "Shape" and axis is not None else None
+
+
+def _rotates(table_width: int, head_size: int, partial: bool) -> bool:
+    """Whether GroupQueryAttention can rotate as the graph does: its tables, [positions, width], turn the leading
+    2 * width dims of each head (all of them, or some with the rest, perhaps none, passed: partial rotary), width a
+    multiple of 8 (onnxruntime refuses others when it runs)."""
+    return table_width % 8 == 0 and (2 * table_width <= head_size if partial else 2 * table_width == head_size)
 
 
 def _prune(graph: onnx.GraphProto) -> None:

@@ -30,6 +30,7 @@ from .onnx_graph import nodes_computing
 
 POSITION_INPUTS = ("position_ids", "input_ids", "attention_mask")
 _CHECK_POSITIONS = 16  # the short evaluation a table's first rows are compared with
+_TO_THE_END = 2 ** 31 - 1  # a Slice's end at or past this is the end of the axis
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,13 @@ class Rotation:
     cos: str
     sin: str
     cast_to: int | None = None  # an onnx.TensorProto data type
+    partial: bool = False  # only each head's leading dims are rotated (as many as the tables are wide), the rest passed
 
 
 def find_rotation(name: str, producer: dict[str, onnx.NodeProto]) -> Rotation | None:
     """The rotation that produces `name`, when it is transformers' rotate_half form: either whole, perhaps
     followed by a Cast back to the model's dtype (OLMo2), or applied to a leading Slice of the heads and
-    concatenated with the rest (Phi-3's partial rotary code; the caller checks the tables cover whole heads)."""
+    concatenated with the rest (partial rotary: Phi-3's and StableLM's code; `dims` says how many)."""
     node, cast_to = producer.get(name), None
     if node is not None and node.op_type == "Cast":
         cast_to, name = _attribute(node, "to"), node.input[0]
@@ -56,9 +58,44 @@ def find_rotation(name: str, producer: dict[str, onnx.NodeProto]) -> Rotation | 
         if rotated is None or passed is None or rotated.op_type != "Slice" or passed.op_type != "Slice" or \
                 rotated.input[0] != passed.input[0]:
             return None
-        return Rotation(rotated.input[0], rotation.cos, rotation.sin, cast_to)
+        leading, rest = _last_axis_bounds(rotated, producer), _last_axis_bounds(passed, producer)
+        # The leading dims rotated and the rest passed, which is what GroupQueryAttention does. How many is the
+        # table's width (Mul with cos broadcasts only so), whether the bound is a constant or cos's own shape
+        # (Phi-3's code): it needs only be the same bound for both Slices.
+        if leading is None or rest is None or leading[0] != 0 or rest != (leading[1], _TO_THE_END):
+            return None
+        return Rotation(rotated.input[0], rotation.cos, rotation.sin, cast_to, partial=True)
     rotation = _rotate_half_form(name, producer)
     return Rotation(rotation.unrotated, rotation.cos, rotation.sin, cast_to) if rotation else None
+
+
+def _last_axis_bounds(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto]) -> tuple | None:
+    """(start, end) of a Slice along the last axis of a [batch, heads, positions, head_dim] tensor, step 1, each
+    an int where it is a constant, else the name of the scalar it is computed from."""
+    bounds = node.input[1:]
+    if len(bounds) < 3 or _constant(bounds[2], producer) not in (-1, 3) or \
+            (len(bounds) > 3 and _constant(bounds[3], producer) != 1):
+        return None
+    start, end = (_constant(name, producer) for name in bounds[:2])
+    return (_unsqueezed(bounds[0], producer) if start is None else start,
+            _unsqueezed(bounds[1], producer) if end is None else min(end, _TO_THE_END))
+
+
+def _unsqueezed(name: str, producer: dict[str, onnx.NodeProto]) -> str:
+    """What an Unsqueeze made `name` of (the export unsqueezes one scalar afresh for each Slice)."""
+    node = producer.get(name)
+    return node.input[0] if node is not None and node.op_type == "Unsqueeze" else name
+
+
+def _constant(name: str, producer: dict[str, onnx.NodeProto]) -> int | None:
+    """A one-element integer Constant, perhaps Unsqueezed, as the export writes a Slice's bounds."""
+    node = producer.get(name)
+    if node is not None and node.op_type == "Unsqueeze":
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "Constant" or node.attribute[0].name != "value":
+        return None
+    array = numpy_helper.to_array(node.attribute[0].t)
+    return int(array.reshape(-1)[0]) if array.size == 1 and array.dtype.kind == "i" else None
 
 
 def _rotate_half_form(name: str, producer: dict[str, onnx.NodeProto]) -> Rotation | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -23,6 +24,8 @@ from ..errors import ModelDirError, OrionError, UnsupportedModelError, UsageErro
 from ..modeldir import ModelDir
 from ..producing import resolve_source
 from ..registry import Registry
+
+log = logging.getLogger(__name__)
 
 SPEC_ENV = "ORION_WORKER_SPEC"
 NODE_RANK_ENV = "ORION_WORKER_NODE_RANK"
@@ -122,12 +125,19 @@ def resolve_model(job: ServeJob) -> tuple[ModelDir, str, dict[str, Any] | None]:
 
 
 def choose_engine(settings: ServeSettings, model: ModelDir) -> str:
-    """torch or onnxruntime, for --engine and the model's format."""
-    if model.format != "onnx":  # onnxruntime only when asked: it serves the checkpoint's fp32 ONNX export
-        return "onnxruntime" if settings.engine == "onnxruntime" else "torch"
+    """torch or onnxruntime, for --engine and the model's format.
+
+    `auto` serves a checkpoint with torch (which splits it over ranks and runs on GPUs), except one whose
+    transformers class takes no attention function, served in one process: that one gets its fp32 ONNX export
+    on onnxruntime, which runs it, rather than a refusal."""
     if settings.engine != "auto":
         return settings.engine
     whole = settings.tp == settings.pp == settings.nnodes == 1
+    if model.format != "onnx":
+        if whole and (reason := torch_cannot_run(model, settings.trust_remote_code)):
+            log.warning("%s; serving its fp32 ONNX export with onnxruntime instead", reason)
+            return "onnxruntime"
+        return "torch"
     return "onnxruntime" if whole else "torch"
 
 
@@ -254,7 +264,24 @@ def cpu_dtype(dtype: str, flags: set[str]) -> tuple[str, str | None]:
 
 
 def load_config(model: ModelDir, trust_remote_code: bool) -> Any:
-    """The model's transformers config, refused (with the reason) when transformers has no causal-LM class for it."""
+    """The model's transformers config, refused (with the reason) when transformers has no causal-LM class for it
+    or the torch engine cannot run that class."""
+    config = _read_config(model, trust_remote_code)
+    if reason := _attention_refusal(model, config):
+        raise UnsupportedModelError(f"{reason}; serve it in one process with --engine onnxruntime")
+    return config
+
+
+def torch_cannot_run(model: ModelDir, trust_remote_code: bool) -> str | None:
+    """Why the torch engine cannot run this checkpoint's architecture, where that is the trouble (StableLM, GPT-J:
+    classes that take no attention function); any other fault of the config is load_config's to report."""
+    try:
+        return _attention_refusal(model, _read_config(model, trust_remote_code))
+    except OrionError:
+        return None
+
+
+def _read_config(model: ModelDir, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -267,17 +294,29 @@ def load_config(model: ModelDir, trust_remote_code: bool) -> Any:
                             f"({str(exc).splitlines()[0]})") from None
     except OSError as exc:
         raise ModelDirError(f"MODEL_DIR {model.root}: config.json cannot be read by transformers ({exc})") from None
-    remote = bool(getattr(config, "auto_map", None) and "AutoModelForCausalLM" in config.auto_map)
-    arch = (getattr(config, "architectures", None) or [config.model_type])[0]
-    if not remote and type(config) not in AutoModelForCausalLM._model_mapping:
-        raise UnsupportedModelError(f"MODEL_DIR {model.root}: architecture {arch} (model_type {config.model_type!r}) "
-                                    "has no causal-LM class in transformers, so orion serve cannot run it")
-    if not remote and not getattr(AutoModelForCausalLM._model_mapping[type(config)], "_supports_attention_backend",
-                                  False):
-        raise UnsupportedModelError(f"MODEL_DIR {model.root}: transformers' {arch} picks its attention classes "
-                                    "itself and takes no attention function, so orion serve (whose KV cache is an "
-                                    "attention function) cannot run it")
+    if not _remote(config) and type(config) not in AutoModelForCausalLM._model_mapping:
+        raise UnsupportedModelError(f"MODEL_DIR {model.root}: architecture {_architecture(config)} (model_type "
+                                    f"{config.model_type!r}) has no causal-LM class in transformers, so orion serve "
+                                    "cannot run it")
     return config
+
+
+def _attention_refusal(model: ModelDir, config: Any) -> str | None:
+    from transformers import AutoModelForCausalLM
+
+    if _remote(config) or getattr(AutoModelForCausalLM._model_mapping[type(config)], "_supports_attention_backend",
+                                  False):
+        return None
+    return (f"MODEL_DIR {model.root}: transformers' {_architecture(config)} picks its attention classes itself and "
+            "takes no attention function, so the torch engine (whose KV cache is an attention function) cannot run it")
+
+
+def _remote(config: Any) -> bool:
+    return bool(getattr(config, "auto_map", None) and "AutoModelForCausalLM" in config.auto_map)
+
+
+def _architecture(config: Any) -> str:
+    return (getattr(config, "architectures", None) or [config.model_type])[0]
 
 
 def check_planned_linears(config: Any, plan: Any, tp: int, shape: Any, blocks: dict[str, int] | None = None) -> None:
