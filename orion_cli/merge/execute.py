@@ -213,8 +213,8 @@ def run_mergekit(config: dict[str, Any], out_dir: Path, *, allow_crimes: bool, s
     try:
         missed = uncovered_tensors(merge_config, options, shared_tensors) if shared_tensors else set()
         if missed:
-            log.info("mergekit's description of this architecture misses %s; merging with the architecture it "
-                     "infers from the checkpoints instead", ", ".join(sorted(missed)[:4]))
+            log.info("mergekit's description of this architecture does not fit these checkpoints (%s); merging "
+                     "with the architecture it infers from the checkpoints instead", ", ".join(sorted(missed)[:4]))
         with _preserved_rng(), (inferred_architecture(merge_config, options) if missed else contextlib.nullcontext()):
             run_merge(merge_config, str(out_dir), options=options)
     except (RuntimeError, ValueError, KeyError, AssertionError) as exc:

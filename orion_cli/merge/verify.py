@@ -3,9 +3,11 @@
 mergekit merges the tensors its architecture description lists. Some of its
 JSON descriptions miss tensors the models have (OLMo2's q/k norms, Gemma's
 untied lm_head), which mergekit then drops without a word, and transformers
-later fills with random values. Two defences:
+later fills with random values; others require tensors transformers no
+longer saves (GPT-NeoX's attention mask buffers). Two defences:
 
-- before the merge, when the description misses tensors every input holds,
+- before the merge, when the description misses tensors every input holds or
+  requires tensors they lack,
   mergekit is given the architecture it infers from the checkpoints' own tensor
   names instead (its `infer_architecture_info`), so mergekit merges those
   tensors too, with the method asked for;
@@ -41,17 +43,21 @@ def tensor_shapes(files: Iterable[Path]) -> dict[str, tuple[int, ...]]:
 
 
 def uncovered_tensors(merge_config, options, shared: set[str]) -> set[str]:
-    """Tensors every input holds that the architecture mergekit would use does not list."""
+    """Where the architecture mergekit would use does not fit the inputs: tensors every input holds that it does
+    not list, and tensors it requires that the inputs do not hold (GPT-NeoX's `attention.bias`, a mask buffer
+    transformers no longer saves, on which mergekit fails)."""
     from mergekit.architecture import get_architecture_info
 
     architecture = get_architecture_info(merge_config, options)
     config = merge_config.base_model or merge_config.referenced_models()[0]
     listed: set[str] = set()
+    stale: set[str] = set()
     for weight in architecture.all_weights(config.config()):
-        listed.add(weight.name)
-        listed.update(weight.aliases or ())
-        listed.update(weight.tied_names or ())
-    return shared - listed
+        names = {weight.name, *(weight.aliases or ()), *(weight.tied_names or ())}
+        listed |= names
+        if not weight.optional and not names & shared:
+            stale.add(weight.name)
+    return (shared - listed) | stale
 
 
 @contextlib.contextmanager
