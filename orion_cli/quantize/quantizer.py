@@ -243,10 +243,10 @@ class _QuantizeJob:
             allocation = self._allocate(errors, measured, store)
             prefixes = {}
             for site in self.sites:
-                form = allocation["format_of"][site.node]
-                chosen = store.get(site.node, form)
-                prefixes[site.node] = quantized_node(self.onnx_model, site, chosen, data, ACCURACY_LEVEL) \
-                    if site.node not in tied_embeddings else None
+                if site.node in tied_embeddings:  # written with its head, below
+                    continue
+                chosen = store.get(site.node, allocation["format_of"][site.node])
+                prefixes[site.node] = quantized_node(self.onnx_model, site, chosen, data, ACCURACY_LEVEL)
                 records[site.node] = tensor_record(site, chosen, allocation["predicted_kl"][site.node])
             for head, embedding in self.tied.items():
                 chosen = store.get(head, allocation["format_of"][head])

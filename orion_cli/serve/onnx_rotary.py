@@ -47,7 +47,7 @@ class Rotation:
 def find_rotation(name: str, producer: dict[str, onnx.NodeProto]) -> Rotation | None:
     """The rotation that produces `name`, when it is transformers' rotate_half form: either whole, perhaps
     followed by a Cast back to the model's dtype (OLMo2), or applied to a leading Slice of the heads and
-    concatenated with the rest (partial rotary: Phi-3's and StableLM's code; `dims` says how many)."""
+    concatenated with the rest (partial rotary, as Phi, Phi-3, StableLM and GPT-NeoX write it)."""
     node, cast_to = producer.get(name), None
     if node is not None and node.op_type == "Cast":
         cast_to, name = _attribute(node, "to"), node.input[0]
