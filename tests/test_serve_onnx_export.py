@@ -63,19 +63,25 @@ def test_a_changed_checkpoint_gets_a_new_export(tiny_llama, tmp_path):
     assert second.path != first.path and (second.path / RECORD_FILE).is_file()
 
 
+def greedy_request(model_dir) -> tuple[dict, list[int]]:
+    """A 12-token greedy completion request for the model, and the tokens transformers' generate() gives."""
+    from transformers import AutoModelForCausalLM
+
+    prompt = PROMPT[:6]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    body = {"model": model_dir.name, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    return body, expected
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_checkpoint_is_served_by_onnxruntime_from_its_cached_export(tiny_llama, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     cache = tmp_path / "cache"
     env = {"ORION_CACHE_DIR": str(cache)}
-    prompt = PROMPT[:6]
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
-                              pad_token_id=0)[0, len(prompt):].tolist()
-    body = {"model": tiny_llama.name, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
-            "return_token_ids": True}
+    body, expected = greedy_request(tiny_llama)
     with serving(tiny_llama, "--port", "0", "--engine", "onnxruntime",
                  env=env) as server:
         assert server.ready["engine"] == "onnxruntime"
@@ -105,15 +111,8 @@ def test_an_architecture_the_torch_engine_cannot_run_is_served_by_onnxruntime(ti
     """transformers' StableLM takes no attention function, so the torch engine cannot run it: `--engine auto`
     serves its export instead (a warning says so) and it answers what generate() does. Its graph is the one
     whose attention scale comes from the query's shape, and whose rotary embedding turns 16 of 64 dims."""
-    from transformers import AutoModelForCausalLM
-
     path = tiny_models["stablelm"]
-    prompt = PROMPT[:6]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
-                              pad_token_id=0)[0, len(prompt):].tolist()
-    body = {"model": path.name, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
-            "return_token_ids": True}
+    body, expected = greedy_request(path)
     with serving(path, "--port", "0", env={"ORION_CACHE_DIR": str(tmp_path / "cache")}) as server:
         assert server.ready["engine"] == "onnxruntime"
         logged = " ".join(" ".join(server.stderr_lines).split())  # rich wraps a long record over lines
