@@ -122,8 +122,6 @@ NO_POSITION_IDS = "the graph takes no position_ids"  # optimum's Gemma exports d
 KEEPS_EXPORTED_ATTENTION = {
     "gemma": NO_POSITION_IDS, "gemma2": NO_POSITION_IDS, "gemma3_text": NO_POSITION_IDS,
     "gpt2": "positions that are not rotary",  # learned positions
-    # its attention views the weighted values as [batch, heads, positions, head_dim] again before the transpose
-    "falcon": "the weighted values are transposed back, found ['Reshape']",
 }
 
 

@@ -245,8 +245,9 @@ def test_the_rewrite_feeds_each_projection_to_attention_whole_and_unrotated(quan
 
 
 def test_a_rewritten_graph_onnxruntime_refuses_falls_back_to_the_exported_attention(quantized_dir):
-    """A config that misstates the head size: the static cache's buffers do not fit the graph, the load-time probe
-    fails, and the model is served with its exported attention, saying why."""
+    """A config that misstates the attention heads (the cache's heads and head size are the graph's own): the
+    rewritten node does not fit the graph, the load-time probe fails, and the model is served with its exported
+    attention, saying why."""
     from transformers import AutoConfig
 
     from orion_cli.serve.onnx_engine import OnnxRunner
@@ -254,7 +255,7 @@ def test_a_rewritten_graph_onnxruntime_refuses_falls_back_to_the_exported_attent
     from orion_cli.serve.onnx_static import StaticCacheRunner
 
     config = AutoConfig.from_pretrained(quantized_dir / "quantized").get_text_config()
-    config.head_dim = 2 * (config.hidden_size // config.num_attention_heads)
+    config.num_attention_heads *= 2
     runner = onnx_runner(quantized_dir / "quantized" / "model.onnx", config, attention="auto", max_batch_size=2,
                          max_model_len=64, prefix_cache_bytes=0, recompute_at=None)
     assert isinstance(runner, OnnxRunner) and not isinstance(runner, StaticCacheRunner)

@@ -129,7 +129,8 @@ class _Graph:
             where = self.producer.get(probabilities)
             if where is None or where.op_type != "Where" or softmax.output[0] not in where.input:
                 raise NotRewritten(f"layer {layer}: the values are weighted by something other than the Softmax")
-        transpose = self._only(weighted.output[0], "Transpose", layer, "the weighted values are transposed back")
+        weighted_values = self._viewed_as_heads(weighted.output[0], heads) or weighted.output[0]
+        transpose = self._only(weighted_values, "Transpose", layer, "the weighted values are transposed back")
         reshape = self._only(transpose.output[0], "Reshape", layer, "and reshaped to [batch, positions, hidden]")
         query, query_scale = self._unscaled(scores.input[0], heads.size)
         keys_scale = self._scale_on_path(scores.input[1], layer, {query: heads.size})
@@ -191,6 +192,19 @@ class _Graph:
         if len(users) != 1 or users[0].op_type != op:
             raise NotRewritten(f"layer {layer}: expected {expected}, found {[n.op_type for n in users]}")
         return users[0]
+
+    def _viewed_as_heads(self, name: str, heads: Heads) -> str | None:
+        """The output of a Reshape of `name` ([batch, heads, positions, head_dim]) to that same shape, which is no
+        change of layout (Falcon's code views its attention output so before the transpose back), if that is
+        `name`'s one use."""
+        users = [n for n in self.consumers.get(name, []) if n.op_type != "Shape"]
+        if len(users) != 1 or users[0].op_type != "Reshape" or users[0].input[0] != name:
+            return None
+        shape = self.producer.get(users[0].input[1])
+        if shape is None or shape.op_type != "Concat" or len(shape.input) != 4:
+            return None
+        parts = [self._scalar(self._unsqueezed(part)) for part in shape.input]
+        return users[0].output[0] if parts[1] == heads.query and parts[3] == heads.size else None
 
     def _unscaled(self, name: str, head_size: int) -> tuple[str, float]:
         """(X, c) where `name` is X times the constant c, X the query: its last dimension is the head size."""

@@ -28,9 +28,11 @@ def onnx_runner(graph, text_config, *, attention: str, max_batch_size: int, max_
 
     from .onnx_attention import Heads, NotRewritten, rewrite_attention
 
+    model = onnx.load(str(graph), load_external_data=False)
     heads = text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    declared_kv_heads, declared_head_dim = _declared_cache_shape(model)
+    kv_heads = declared_kv_heads or getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = declared_head_dim or getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     try:
         if attention == "exported":
             raise NotRewritten("--onnx-attention exported")
@@ -39,8 +41,7 @@ def onnx_runner(graph, text_config, *, attention: str, max_batch_size: int, max_
             raise NotRewritten("positions that are not rotary: a bias on the attention mask, which the rewrite "
                                "replaces, may carry them (ALiBi)")
         # a rope whose factors change past a length (Phi-3's longrope) has no one table per position
-        rewritten = rewrite_attention(onnx.load(str(graph), load_external_data=False),
-                                      Heads(heads, kv_heads, head_dim), sliding_windows(text_config),
+        rewritten = rewrite_attention(model, Heads(heads, kv_heads, head_dim), sliding_windows(text_config),
                                       rotary_positions=max_model_len if recompute_at is None else None)
         try:  # a graph the rewrite misread fails here, at load, rather than on the first request
             runner = StaticCacheRunner(OnnxDecoder(graph, graph=rewritten.SerializeToString()), slots=max_batch_size,
@@ -57,6 +58,16 @@ def onnx_runner(graph, text_config, *, attention: str, max_batch_size: int, max_
         runner = OnnxRunner(OnnxDecoder(graph), prefix_cache_bytes, recompute_at)
         runner.attention = f"exported ({why})"
         return runner
+
+
+def _declared_cache_shape(model) -> tuple[int | None, int | None]:
+    """(key/value heads, head size) as the graph's first present output declares them, where it fixes them: the
+    export's, not the config's (FalconConfig's num_key_value_heads need not be what a multi-query model caches)."""
+    present = next((o for o in model.graph.output if o.name.startswith("present.")), None)
+    dims = present.type.tensor_type.shape.dim if present is not None else []
+    if len(dims) != 4:
+        return None, None
+    return (dims[1].dim_value or None), (dims[3].dim_value or None)
 
 
 def sliding_windows(text_config) -> dict[int, int]:
