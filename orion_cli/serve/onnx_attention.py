@@ -41,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .onnx_graph import nodes_computing
+from .onnx_graph import SLICE_TO_END, nodes_computing, unsqueezed
 from .onnx_rotary import find_rotation, rotary_tables, table_initializers
 
 SEQLENS = "seqlens_k"  # int32 [batch]: each row's length after this step, minus one
@@ -203,7 +203,7 @@ class _Graph:
         shape = self.producer.get(users[0].input[1])
         if shape is None or shape.op_type != "Concat" or len(shape.input) != 4:
             return None
-        parts = [self._scalar(self._unsqueezed(part)) for part in shape.input]
+        parts = [self._scalar(unsqueezed(part, self.producer)) for part in shape.input]
         return users[0].output[0] if parts[1] == heads.query and parts[3] == heads.size else None
 
     def _unscaled(self, name: str, head_size: int) -> tuple[str, float]:
@@ -263,7 +263,7 @@ class _Graph:
         starts, ends = bounds[0], bounds[1]
         axes = bounds[2] if len(bounds) > 2 and node.input[3] else 0.0
         steps = bounds[3] if len(bounds) > 3 and node.input[4] else 1.0
-        return starts == -1 and ends is not None and ends >= 2 ** 31 - 1 and axes == 0 and steps == 1
+        return starts == -1 and ends is not None and ends >= SLICE_TO_END and axes == 0 and steps == 1
 
     def _to_bsh(self, name: str, prefix: str, head_size: int) -> str:
         """[batch, heads, positions, head_dim] as GroupQueryAttention reads it: [batch, positions, heads*head_dim].
@@ -292,19 +292,15 @@ class _Graph:
                 shape.op_type != "Concat" or len(shape.input) != 4:
             return None
         dims = [self._dim_of(part) for part in shape.input[:2]]
-        heads, size = (self._scalar(self._unsqueezed(part)) for part in shape.input[2:])
+        heads, size = (self._scalar(unsqueezed(part, self.producer)) for part in shape.input[2:])
         if None in dims or dims[0][0] != dims[1][0] or [axis for _, axis in dims] != [0, 1] or \
                 size != head_size or heads is None or not (heads == -1 or heads > 0):
             return None
         return reshape.input[0]
 
-    def _unsqueezed(self, name: str) -> str:
-        node = self.producer.get(name)
-        return node.input[0] if node is not None and node.op_type == "Unsqueeze" else name
-
     def _dim_of(self, name: str) -> tuple[str, float] | None:
         """(T, i) when `name` is Unsqueeze(Gather(Shape(T), i)): one dimension of T as a 1-element tensor."""
-        gather = self.producer.get(self._unsqueezed(name))
+        gather = self.producer.get(unsqueezed(name, self.producer))
         if gather is None or gather.op_type != "Gather":
             return None
         shape = self.producer.get(gather.input[0])

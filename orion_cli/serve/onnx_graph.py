@@ -1,4 +1,4 @@
-"""What a graph's named values are computed from: shared by the attention rewrite's pruning and the rotary tables."""
+"""Walking an exported graph: shared by the attention rewrite (its pruning, its shapes) and the rotary fold."""
 
 from __future__ import annotations
 
@@ -16,3 +16,12 @@ def nodes_computing(graph: onnx.GraphProto, names: list[str]) -> list[onnx.NodeP
             live.add(id(node))
             stack.extend(node.input)
     return [node for node in graph.node if id(node) in live]
+
+
+SLICE_TO_END = 2 ** 31 - 1  # a Slice's end at or past this is the end of the axis (torch exports INT64_MAX)
+
+
+def unsqueezed(name: str, producer: dict[str, onnx.NodeProto]) -> str:
+    """What an Unsqueeze made `name` of, or `name` (the export unsqueezes each scalar afresh for each use)."""
+    node = producer.get(name)
+    return node.input[0] if node is not None and node.op_type == "Unsqueeze" else name

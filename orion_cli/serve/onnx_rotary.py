@@ -26,11 +26,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .onnx_graph import nodes_computing
+from .onnx_graph import SLICE_TO_END, nodes_computing, unsqueezed
 
 POSITION_INPUTS = ("position_ids", "input_ids", "attention_mask")
 _CHECK_POSITIONS = 16  # the short evaluation a table's first rows are compared with
-_TO_THE_END = 2 ** 31 - 1  # a Slice's end at or past this is the end of the axis
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ def find_rotation(name: str, producer: dict[str, onnx.NodeProto]) -> Rotation | 
         # The leading dims rotated and the rest passed, which is what GroupQueryAttention does. How many is the
         # table's width (Mul with cos broadcasts only so), whether the bound is a constant or cos's own shape
         # (Phi-3's code): it needs only be the same bound for both Slices.
-        if leading is None or rest is None or leading[0] != 0 or rest != (leading[1], _TO_THE_END):
+        if leading is None or rest is None or leading[0] != 0 or rest != (leading[1], SLICE_TO_END):
             return None
         return Rotation(rotated.input[0], rotation.cos, rotation.sin, cast_to, partial=True)
     rotation = _rotate_half_form(name, producer)
@@ -77,21 +76,13 @@ def _last_axis_bounds(node: onnx.NodeProto, producer: dict[str, onnx.NodeProto])
             (len(bounds) > 3 and _constant(bounds[3], producer) != 1):
         return None
     start, end = (_constant(name, producer) for name in bounds[:2])
-    return (_unsqueezed(bounds[0], producer) if start is None else start,
-            _unsqueezed(bounds[1], producer) if end is None else min(end, _TO_THE_END))
-
-
-def _unsqueezed(name: str, producer: dict[str, onnx.NodeProto]) -> str:
-    """What an Unsqueeze made `name` of (the export unsqueezes one scalar afresh for each Slice)."""
-    node = producer.get(name)
-    return node.input[0] if node is not None and node.op_type == "Unsqueeze" else name
+    return (unsqueezed(bounds[0], producer) if start is None else start,
+            unsqueezed(bounds[1], producer) if end is None else min(end, SLICE_TO_END))
 
 
 def _constant(name: str, producer: dict[str, onnx.NodeProto]) -> int | None:
     """A one-element integer Constant, perhaps Unsqueezed, as the export writes a Slice's bounds."""
-    node = producer.get(name)
-    if node is not None and node.op_type == "Unsqueeze":
-        node = producer.get(node.input[0])
+    node = producer.get(unsqueezed(name, producer))
     if node is None or node.op_type != "Constant" or node.attribute[0].name != "value":
         return None
     array = numpy_helper.to_array(node.attribute[0].t)

@@ -36,7 +36,8 @@ class StaticCacheRunner(OnnxRunner):
         self.lengths: dict[int, int] = {}  # slot -> positions cached
         self.buffers = [np.zeros((slots, kv_heads, self.capacity, head_dim), dtype=decoder.past_dtype)
                         for _ in decoder.past_names]
-        self._bound: dict[tuple, Any] = {}  # (first row, rows) -> OrtValues over those rows; decode bindings
+        self._bound: dict[tuple[int, int], list] = {}  # (first row, rows) -> OrtValues over those rows
+        self._decode_steps: dict[int, _DecodeStep] = {}  # rows -> that step's binding
         self.attention = "GroupQueryAttention, static KV cache"
 
     def probe(self) -> None:
@@ -82,10 +83,9 @@ class StaticCacheRunner(OnnxRunner):
         """The IO binding of a one-token step over slots 0..rows-1, made once per row count: its inputs and the
         logits are arrays bound in place, so a step writes four small arrays and runs, and no OrtValue is
         wrapped or unwrapped per step (a server spent a tenth of its engine thread's time there)."""
-        key = ("decode", rows)
-        if key not in self._bound:
-            self._bound[key] = _DecodeStep(self, rows)
-        return self._bound[key]
+        if rows not in self._decode_steps:
+            self._decode_steps[rows] = _DecodeStep(self, rows)
+        return self._decode_steps[rows]
 
     def _step(self, ids: np.ndarray, starts: list[int], first: int, rows: int) -> np.ndarray:
         """Logits of `ids` [rows, width] for slots first..first+rows-1, each row's positions after its `starts`."""
@@ -97,11 +97,15 @@ class StaticCacheRunner(OnnxRunner):
         binding.bind_cpu_input(SEQLENS, np.array(starts, dtype=np.int32) + (width - 1))
         binding.bind_cpu_input(TOTAL, np.array(max(starts) + width, dtype=np.int32))
         binding.bind_output("logits", "cpu")
+        self._bind_cache(binding, first, rows)
+        self.decoder.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def _bind_cache(self, binding, first: int, rows: int) -> None:
+        """Slots first..first+rows-1 of every layer's buffer, bound as both its past and its present."""
         for past, present, value in zip(self.decoder.past_names, self.decoder.present_names, self._rows(first, rows)):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
-        self.decoder.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
 
     def _rows(self, first: int, rows: int) -> list:
         key = (first, rows)
@@ -120,11 +124,16 @@ class StaticCacheRunner(OnnxRunner):
             bigger[:, :, :self.capacity] = buffer
             grown.append(bigger)
         self.buffers, self.capacity = grown, capacity
-        self._bound.clear()
+        self._forget_bindings()
 
     def shutdown(self) -> None:
         super().shutdown()
+        self._forget_bindings()
+
+    def _forget_bindings(self) -> None:
+        """Drop what is bound over the buffers (they were replaced, or are going)."""
         self._bound.clear()
+        self._decode_steps.clear()
 
     def stats(self) -> dict[str, Any]:
         figures = super().stats()
@@ -152,6 +161,4 @@ class _DecodeStep:
                 self.binding.bind_ortvalue_input(name, value)
         self.values["logits"] = ort.OrtValue.ortvalue_from_numpy(self.logits)
         self.binding.bind_ortvalue_output("logits", self.values["logits"])
-        for past, present, value in zip(decoder.past_names, decoder.present_names, runner._rows(0, rows)):
-            self.binding.bind_ortvalue_input(past, value)
-            self.binding.bind_ortvalue_output(present, value)
+        runner._bind_cache(self.binding, 0, rows)
