@@ -38,12 +38,20 @@ def write_float_model(source_dir: Path, graph_path: Path, onnx_dir: Path, tensor
 
     graph = onnx.load(str(graph_path), load_external_data=False)
     check_shapes(tensors, parameter_inputs(graph), tensors.flag)
-    data = ExternalData(onnx_dir / EXTERNAL_DATA_FILE)
-    parameters_to_initializers(graph, [fp32_initializer(tensors, data, name) for name in parameters_left(graph)])
-    symbolic_cache_dims(graph)
+    save_model(graph, tensors, ExternalData(onnx_dir / EXTERNAL_DATA_FILE), onnx_dir / MODEL_FILE, source_dir)
+
+
+def save_model(model, tensors: ModelTensors, data: ExternalData, model_path: Path, source_dir: Path) -> None:
+    """Save `model` at `model_path`: every parameter its nodes still read becomes an fp32 initializer in `data`
+    (closed here), the cache's head axes are declared symbolic, and the checkpoint's config and tokenizer files
+    go beside it. The end of both the fp32 export and orion quantize (whose quantized tensors are in `data`)."""
+    import onnx
+
+    parameters_to_initializers(model, [fp32_initializer(tensors, data, name) for name in parameters_left(model)])
+    symbolic_cache_dims(model)
     data.close()
-    onnx.save_model(graph, str(onnx_dir / MODEL_FILE))
-    copy_support_files(source_dir, onnx_dir)
+    onnx.save_model(model, str(model_path))
+    copy_support_files(source_dir, model_path.parent)
 
 
 def export_float_model(source_dir: Path, onnx_dir: Path, flag: str = "--model") -> None:

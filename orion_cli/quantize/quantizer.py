@@ -28,12 +28,10 @@ from ..checkpoint import CheckpointReader
 from ..config import QuantizeSettings, override, shipped_config
 from ..errors import ModelDirError, UnsupportedModelError, UsageError
 from ..heap import return_large_blocks_to_the_system
-from ..modeldir import copy_support_files
 from ..onnx_decoder import OnnxDecoder
-from ..onnx_export.float_model import check_shapes, fp32_initializer, write_float_model
+from ..onnx_export.float_model import check_shapes, save_model, write_float_model
 from ..onnx_export.graph import EXTERNAL_DATA_FILE, MODEL_FILE, check_supported, export_graph
-from ..onnx_export.parameters import (ExternalData, parameter_inputs, parameters_left, parameters_to_initializers,
-                                     symbolic_cache_dims)
+from ..onnx_export.parameters import ExternalData, parameter_inputs
 from ..onnx_export.tensors import ModelTensors
 from ..producing import Output, producing, recorded_provenance, resolve_source
 from ..progress import NULL_PROGRESS, ProgressReporter, Stopwatch
@@ -208,8 +206,6 @@ class _QuantizeJob:
     # -- quantizing ------------------------------------------------------------------------------------------
 
     def run(self) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-        import onnx
-
         data = ExternalData(self.quant_path.with_name(EXTERNAL_DATA_FILE))
         store = CandidateStore(self.scratch / "candidates.bin")
         errors: dict[str, dict[Format, float]] = {}
@@ -256,12 +252,7 @@ class _QuantizeJob:
             store.close()
             (self.scratch / "candidates.bin").unlink()
         with self.watch.time("write"), self.progress.stage("Writing the quantized model"):
-            parameters_to_initializers(self.onnx_model, [fp32_initializer(self.tensors, data, name)
-                                                         for name in parameters_left(self.onnx_model)])
-            symbolic_cache_dims(self.onnx_model)
-            data.close()
-            onnx.save_model(self.onnx_model, str(self.quant_path))
-            copy_support_files(self.source_dir, self.quant_path.parent)
+            save_model(self.onnx_model, self.tensors, data, self.quant_path, self.source_dir)
         return [records[s.node] for s in self.sites], allocation
 
     def _calibrated(self, place, advance) -> Sensitivity:
