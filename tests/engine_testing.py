@@ -44,14 +44,17 @@ def run_layout(tp: int, pp: int, models: dict[str, str], prompts: list[list[int]
 
 def _rank(rank: int, port: int, tp: int, pp: int, models: dict[str, str], prompts: list[list[int]],
           new_tokens: list[int], max_model_len: int, out: str) -> None:
+    import faulthandler
+
     import torch
     import torch.distributed as dist
 
     from orion_cli.config import shipped_config
     from orion_cli.modeldir import inspect_model_dir
     from orion_cli.serve.options import ServeJob, check_torch_options
-    from orion_cli.serve.worker import DistributedRunner, RankRuntime, build_topology, follow
+    from orion_cli.serve.worker import DistributedRunner, RankRuntime, build_topology, follow, leave_process_group
 
+    faulthandler.enable(all_threads=True)  # a native abort prints every thread's Python stack
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=tp * pp)
@@ -69,7 +72,7 @@ def _rank(rank: int, port: int, tp: int, pp: int, models: dict[str, str], prompt
             follow(runtime)
     if rank == 0:
         Path(out).write_text(json.dumps(results))
-    dist.destroy_process_group()
+    leave_process_group(0)  # as `orion serve`'s ranks end
 
 
 def _drive(runner, runtime, model_dir: str, prompts: list[list[int]], new_tokens: list[int]) -> dict:

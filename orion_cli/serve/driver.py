@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import uvicorn
 
@@ -115,13 +115,12 @@ def serve_http(runner: StepRunner, served: ServedModel, sock: socket.socket, *, 
     return result
 
 
-def run_driver(spec, runtime) -> int:
+def run_driver(spec, runtime) -> NoReturn:
     """Rank 0 of the torch.distributed engine."""
-    import torch.distributed as dist
     from transformers import AutoTokenizer
 
     from .control import ControlClient, bind_listening_socket
-    from .worker import DistributedRunner
+    from .worker import DistributedRunner, leave_process_group
 
     settings = spec.serve
     control = ControlClient.connect()
@@ -148,5 +147,4 @@ def run_driver(spec, runtime) -> int:
     )["code"]
     if code:
         os._exit(code)  # peers may be gone: do not wait on the process group's teardown
-    dist.destroy_process_group()
-    return 0
+    leave_process_group(0)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from .driver import run_driver
 from .options import NODE_RANK_ENV, WorkerSpec
-from .worker import PROCESS_GROUP_TIMEOUT, RankRuntime, Topology, build_topology, follow
+from .worker import PROCESS_GROUP_TIMEOUT, RankRuntime, Topology, build_topology, follow, leave_process_group
 
 log = logging.getLogger("orion_cli.serve")
 
@@ -93,8 +93,7 @@ def main() -> int:
     except Exception as exc:  # noqa: BLE001
         _report_failure("step", exc, spec.verbose)
         os._exit(1)  # peers may be gone; do not wait on process-group teardown
-    dist.destroy_process_group()
-    return 0
+    leave_process_group(0)
 
 
 def _announce_join(spec: WorkerSpec, topology: Topology) -> None:

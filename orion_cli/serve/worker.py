@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -234,3 +235,19 @@ def follow(runtime: RankRuntime) -> None:
         if plan.kind == "stop":
             return
         runtime.execute(plan)
+
+
+def leave_process_group(code: int = 0) -> NoReturn:
+    """Destroy the process group, then end this process without Python's finalization.
+
+    Why: gloo's C++ threads can still be releasing tensors after the group is
+    destroyed. One that asks for the GIL while the interpreter finalizes is ended
+    with pthread_exit, and the unwinding aborts the whole process ("terminate
+    called without an active exception"): a clean stop then reads as a crash
+    (SIGABRT). Nothing of ours waits on finalization, so flush and leave.
+    """
+    dist.destroy_process_group()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
