@@ -54,6 +54,8 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=128, num_attention_heads=2, rotary_pct=0.25,
                                       tie_word_embeddings=False)),
     "falcon": ("FalconConfig", dict(num_attention_heads=1, num_kv_heads=1, tie_word_embeddings=False)),
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=SLIDING_WINDOW, use_bias=True, tie_word_embeddings=False)),
+    "olmo": ("OlmoConfig", dict(clip_qkv=8.0, tie_word_embeddings=False)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                          decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),

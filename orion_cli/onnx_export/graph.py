@@ -3,10 +3,12 @@
 optimum knows how to export each architecture for ORTModelForCausalLM: the
 input and output names, the dynamic axes, and the patches some models need
 (a traceable MoE block, for one). orion takes that knowledge from optimum's
-export config and runs torch.onnx's exporter itself, on transformers' model
-built from its config with every parameter a zero page (stand_in_parameters):
-the trace records the graph, `export_params=False` makes each parameter a
-graph input named as in the checkpoint, and no weight is ever materialized.
+export config (for a model type optimum does not list, the description its
+decoder entries share: generic_decoder_config) and runs torch.onnx's exporter
+itself, on transformers' model built from its config with every parameter a
+zero page (stand_in_parameters): the trace records the graph,
+`export_params=False` makes each parameter a graph input named as in the
+checkpoint, and no weight is ever materialized.
 Each parameter gets its own first value, so the exporter does not merge equal
 ones, and constant folding is off, so none is renamed; onnxruntime folds the
 graph when it loads it. Llama-3-8B's graph exports in about 20 s and 0.5 GB.
@@ -15,10 +17,13 @@ graph when it loads it. Llama-3-8B's graph exports in about 20 s and 0.5 GB.
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 from ..errors import OrionError, UnsupportedModelError
 from ..modeldir import ModelDir
+
+log = logging.getLogger(__name__)
 
 TASK = "text-generation-with-past"
 # What optimum's main_export hands the export config for TASK: the task without its suffix, and use_past.
@@ -34,7 +39,7 @@ class ExportError(OrionError):
 
 def check_supported(model: ModelDir, flag: str = "--model") -> None:
     """Refuse, before any work, an input that is not a Hugging Face checkpoint. Architectures are not
-    listed: what optimum cannot export fails at the export, with optimum's reason."""
+    listed: what neither optimum nor the standard-decoder description exports fails at the export, saying why."""
     if model.format == "onnx":
         raise UnsupportedModelError(
             f"{flag} {model.root}: already an ONNX model; orion quantize takes a Hugging Face checkpoint "
@@ -77,9 +82,12 @@ def _export(model_dir: Path, output_file: Path, trust_remote_code: bool, flag: s
         constructor = TasksManager.get_exporter_config_constructor(model=model, exporter="onnx", task=TASK,
                                                                    library_name="transformers")
     except (KeyError, ValueError) as exc:
-        arch = (getattr(config, "architectures", None) or [config.model_type])[0]
-        raise ExportError(f"{flag} {model_dir}: optimum cannot export {arch} with past key values "
-                          f"({str(exc).splitlines()[0]})") from None
+        constructor, why_not = generic_decoder_config(model)
+        if constructor is None:
+            arch = (getattr(config, "architectures", None) or [config.model_type])[0]
+            raise ExportError(f"{flag} {model_dir}: optimum cannot export {arch} with past key values "
+                              f"({_first_sentence(exc)}), and {why_not}") from None
+        log.info("optimum has no ONNX export entry for %s: exporting it as a standard decoder", config.model_type)
     export_config = constructor(model.config, task=CONFIG_TASK, use_past=True, use_past_in_inputs=True,
                                 int_dtype="int64", float_dtype="fp32")
     dummy = export_config.rename_ambiguous_inputs(export_config.generate_dummy_inputs(framework="pt"))
@@ -128,3 +136,41 @@ def stand_in_parameters(model) -> None:
                 value.view(-1)[0] = count * 1e-6
                 module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
     model.tie_weights()
+
+
+def generic_decoder_config(model) -> tuple[type | None, str]:
+    """(optimum's export description of a standard decoder, "") for a model type optimum does not list; (None,
+    why not) when the model is not one.
+
+    Most of optimum's decoder entries (OLMo, Qwen2/3, GLM, Helium, Arcee...) are this same description
+    registered under another name: input ids, attention mask, position ids and a key/value cache of
+    num_key_value_heads x head_dim. A transformers class that takes attention functions
+    (`_supports_attention_backend`) is built on that contract (the attention interface, the cache object,
+    position ids), so StarCoder2 exports the same way. Experts are refused: without a patch of its own
+    (optimum has one for Qwen3-MoE) the tracer fixes a block's routing to the dummy batch's shapes, and the
+    graph fails on any other (measured on Mixtral). Whether an export is right is checked, not assumed:
+    every architecture of the test table is compared with transformers' logits.
+    """
+    config = model.config
+    if not getattr(type(model), "_supports_attention_backend", False):
+        return None, "its transformers class takes no attention functions, so it is not a standard decoder"
+    experts = [name for name in EXPERT_COUNTS if getattr(config, name, None)]
+    if experts:
+        return None, (f"its config has experts ({experts[0]}={getattr(config, experts[0])}), whose routing "
+                      "the standard decoder export would fix to the traced shapes")
+    from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
+    from optimum.utils import NormalizedTextConfigWithGQA
+
+    class StandardDecoderOnnxConfig(LlamaOnnxConfig):
+        NORMALIZED_CONFIG_CLASS = NormalizedTextConfigWithGQA
+
+    return StandardDecoderOnnxConfig, ""
+
+
+def _first_sentence(exc: Exception) -> str:
+    """optimum's refusal without the list of every model type it supports that follows it."""
+    return str(exc).splitlines()[0].split(" Only [")[0]
+
+
+# config attributes that count a mixture-of-experts layer's experts, across transformers' MoE families
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
