@@ -38,6 +38,10 @@ SHAPES = {
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
         rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    "starcoder2-3b": ("Starcoder2Config", dict(
+        hidden_size=3072, intermediate_size=12288, num_hidden_layers=30, num_attention_heads=24,
+        num_key_value_heads=2, vocab_size=49152, max_position_embeddings=16384, sliding_window=4096,
+        rope_theta=999999.4420358813, norm_epsilon=1e-5, use_bias=True, tie_word_embeddings=True)),
 }
 
 

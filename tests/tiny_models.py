@@ -69,7 +69,6 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
         "type": "longrope", "long_factor": [1.0 + i / 4 for i in range(8)], "short_factor": [1.0] * 8})),
 }
 ARCHITECTURES = tuple(TINY)
-SLIDING = ("mistral", "gemma2", "gemma3_text")  # models whose sliding window the test prompts exceed
 # The five the seed covered, for tests whose cost grows with the table and whose subject is not breadth.
 CORE = ("llama", "mistral", "qwen2", "phi3", "gpt2")
 
