@@ -21,15 +21,13 @@ from orion_cli.onnx_export.float_model import export_float_model
 from orion_cli.serve.onnx_cache import EXPORT_SUBDIR, RECORD_FILE, CacheSpaceError, check_free_space, float_model_for
 from server_process import serving
 from serve_testing import kl_divergence
-from tiny_models import ARCHITECTURES
+from tiny_models import ARCHITECTURES, build_model, olmoe_config
 
-EXPORT_EXCLUDED = {"mixtral": "optimum-onnx 0.1.0 has no Mixtral export config; experts are not exported as a "
-                              "standard decoder (onnx_export/graph.py)"}
 PROMPT = [5, 17, 42, 99, 7, 130, 64, 3, 250, 11]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a not in EXPORT_EXCLUDED])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_the_fp32_export_scores_a_prompt_as_transformers_does(arch, tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -132,12 +130,12 @@ def test_what_onnxruntime_cannot_do_is_refused_before_any_export(orion, tiny_lla
     assert not (tmp_path / "cache").exists()
 
 
-def test_an_architecture_optimum_cannot_export_fails_in_one_line_and_leaves_no_export(orion, tiny_models, tmp_path,
-                                                                                      monkeypatch):
+def test_an_architecture_no_export_takes_fails_in_one_line_and_leaves_no_export(orion, tmp_path, monkeypatch):
     monkeypatch.setenv("ORION_CACHE_DIR", str(tmp_path / "cache"))
-    result = orion("serve", tiny_models["mixtral"], "--engine", "onnxruntime")
+    model = build_model(olmoe_config(), tmp_path / "olmoe")
+    result = orion("serve", model, "--engine", "onnxruntime")
     assert result.exit_code == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("orion: error:")]
-    assert len(errors) == 1 and f"MODEL_DIR {tiny_models['mixtral']}: optimum cannot export" in errors[0], errors
+    assert len(errors) == 1 and f"MODEL_DIR {model}: optimum cannot export" in errors[0], errors
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "cache").exists()

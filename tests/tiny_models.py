@@ -107,18 +107,36 @@ def tiny_config(name: str, **overrides: Any):
     )
 
 
+def olmoe_config():
+    """An architecture no ONNX export takes (optimum-onnx 0.1.0 lists no OLMoE, and its transformers class takes no
+    attention functions): the subject of the tests that such a model is refused in one line."""
+    import transformers
+
+    from orion_cli.reference.tokenizer import EOS, PAD
+
+    tokenizer = tiny_tokenizer()
+    eos, pad = tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(PAD)
+    return transformers.OlmoeConfig(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
+                                    num_experts=4, num_experts_per_tok=2, **_SHAPE)
+
+
 def build_tiny_model(name: str, output: str | Path, seed: int = 0, **overrides: Any) -> Path:
     """Write a random-init model of architecture `name`, its tokenizer and generation config to `output`."""
+    if name not in TINY:
+        raise ValueError(f"unknown tiny architecture {name!r}; choose from {', '.join(TINY)}")
+    return build_model(tiny_config(name, **overrides), output, seed, gemma_norms=name.startswith("gemma"))
+
+
+def build_model(config, output: str | Path, seed: int = 0, gemma_norms: bool = False) -> Path:
+    """Write a random-init model of `config` (a transformers config object), its tokenizer and generation
+    config to `output`: for the tests whose subject is an architecture outside the table."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    if name not in TINY:
-        raise ValueError(f"unknown tiny architecture {name!r}; choose from {', '.join(TINY)}")
     output = Path(output)
-    config = tiny_config(name, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if name.startswith("gemma"):  # zero-initialised norms (1 + w) would hide the weight's role in every test
+    if gemma_norms:  # zero-initialised norms (1 + w) would hide the weight's role in every test
         with torch.no_grad():
             for param_name, param in model.named_parameters():
                 if param_name.endswith("norm.weight"):

@@ -146,23 +146,29 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
     registered under another name: input ids, attention mask, position ids and a key/value cache of
     num_key_value_heads x head_dim. A transformers class that takes attention functions
     (`_supports_attention_backend`) is built on that contract (the attention interface, the cache object,
-    position ids), so StarCoder2 exports the same way. Experts are refused: without a patch of its own
-    (optimum has one for Qwen3-MoE) the tracer fixes a block's routing to the dummy batch's shapes, and the
-    graph fails on any other (measured on Mixtral). Whether an export is right is checked, not assumed:
+    position ids), so StarCoder2 exports the same way. Experts need their block made traceable
+    (experts.py); a block not listed there is refused. Whether an export is right is checked, not assumed:
     every architecture of the test table is compared with transformers' logits.
     """
+    from .experts import experts_patcher
+
     config = model.config
     if not getattr(type(model), "_supports_attention_backend", False):
         return None, "its transformers class takes no attention functions, so it is not a standard decoder"
+    patcher = None
     experts = [name for name in EXPERT_COUNTS if getattr(config, name, None)]
     if experts:
-        return None, (f"its config has experts ({experts[0]}={getattr(config, experts[0])}), whose routing "
-                      "the standard decoder export would fix to the traced shapes")
+        patcher = experts_patcher(config.model_type)
+        if patcher is None:
+            return None, (f"its config has experts ({experts[0]}={getattr(config, experts[0])}) of a block orion "
+                          "has not made traceable, so their routing would be fixed to the traced shapes")
     from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
     from optimum.utils import NormalizedTextConfigWithGQA
 
     class StandardDecoderOnnxConfig(LlamaOnnxConfig):
         NORMALIZED_CONFIG_CLASS = NormalizedTextConfigWithGQA
+        if patcher is not None:
+            _MODEL_PATCHER = patcher
 
     return StandardDecoderOnnxConfig, ""
 

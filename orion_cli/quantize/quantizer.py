@@ -30,7 +30,7 @@ from ..errors import ModelDirError, UnsupportedModelError, UsageError
 from ..heap import return_large_blocks_to_the_system
 from ..onnx_decoder import OnnxDecoder
 from ..onnx_export.float_model import check_shapes, save_model, write_float_model
-from ..onnx_export.graph import EXTERNAL_DATA_FILE, MODEL_FILE, check_supported, export_graph
+from ..onnx_export.graph import EXPERT_COUNTS, EXTERNAL_DATA_FILE, MODEL_FILE, check_supported, export_graph
 from ..onnx_export.parameters import ExternalData, parameter_inputs
 from ..onnx_export.tensors import ModelTensors
 from ..producing import Output, producing, recorded_provenance, resolve_source
@@ -150,8 +150,7 @@ def _tokenizer(model_dir: Path):
 def _routers(parameters: dict[str, tuple[int, ...]], config) -> set[str]:
     """MoE router weights ([experts, hidden]): kept in fp32, as llama.cpp keeps ffn_gate_inp, since every
     token's choice of experts goes through them."""
-    experts = next((getattr(config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
-                    if getattr(config, k, None)), None)
+    experts = next((getattr(config, k) for k in EXPERT_COUNTS if getattr(config, k, None)), None)
     return {name for name, shape in parameters.items() if experts and len(shape) == 2 and shape[0] == experts}
 
 
