@@ -208,6 +208,22 @@ def test_a_tied_table_is_stored_once_and_the_model_fits_its_budget(tmp_path):
     check_loads_and_generates(result.model_dir)
 
 
+def test_experts_of_a_block_not_made_traceable_are_refused(monkeypatch):
+    """Exported as a plain decoder, an MoE block's routing would be fixed to the trace's shapes: experts are
+    exported only through a block onnx_export/experts.py lists (here Mixtral's, taken off the list)."""
+    from transformers import AutoModelForCausalLM
+
+    from orion_cli.onnx_export import experts
+    from orion_cli.onnx_export.graph import generic_decoder_config
+    from tiny_models import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("mixtral"))
+    assert generic_decoder_config(model)[0] is not None
+    monkeypatch.setattr(experts, "TRACEABLE_BLOCKS", {})
+    constructor, why_not = generic_decoder_config(model)
+    assert constructor is None and "experts (num_local_experts=4)" in why_not, why_not
+
+
 def test_what_cannot_be_exported_fails_at_the_export_with_its_reason(orion, tmp_path):
     """OLMoE: optimum-onnx 0.1.0 has no entry for it, and its transformers class takes no attention functions,
     so it is not exported as a standard decoder either."""
