@@ -29,6 +29,8 @@ TASK = "text-generation-with-past"
 # What optimum's main_export hands the export config for TASK: the task without its suffix, and use_past.
 # The config adds position_ids only for "text-generation", and ORTModelForCausalLM feeds them when present.
 CONFIG_TASK = "text-generation"
+# config attributes that count a mixture-of-experts layer's experts, across transformers' MoE families
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"
 
@@ -176,7 +178,3 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
 def _first_sentence(exc: Exception) -> str:
     """optimum's refusal without the list of every model type it supports that follows it."""
     return str(exc).splitlines()[0].split(" Only [")[0]
-
-
-# config attributes that count a mixture-of-experts layer's experts, across transformers' MoE families
-EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
