@@ -69,15 +69,67 @@ def test_a_table_that_is_not_two_equal_halves_is_not_used():
     assert rotary_tables(model, [("cos", "sin")], 100) == {}
 
 
-def test_a_table_computed_from_a_weight_is_not_evaluated():
-    """Only position inputs may feed the tables: anything else (a weight, the hidden states) means they are not
-    a function of position alone, and the graph keeps its rotary embedding."""
+def test_a_table_computed_from_a_graph_input_is_not_evaluated():
+    """Only position inputs, an empty cache and the graph's own weights may feed the tables: any other input
+    (the hidden states, say) means they are not a function of position alone, and the graph keeps its rotary
+    embedding."""
     model = rope_graph(INV_FREQ)
     frequencies = next(i for i in model.graph.initializer if i.name == "frequencies")
     model.graph.initializer.remove(frequencies)
     model.graph.input.append(helper.make_tensor_value_info("frequencies", TensorProto.FLOAT, [HALF]))
     assert evaluate_at_positions(model, ["cos", "sin"], 100) is None
     assert rotary_tables(model, [("cos", "sin")], 100) == {}
+
+
+def with_nodes_before(model: onnx.ModelProto, consumer_output: str, nodes: list, inputs=()) -> onnx.ModelProto:
+    """`model` with `nodes` inserted before the node writing `consumer_output`, and graph `inputs` added."""
+    graph = model.graph
+    index = next(i for i, node in enumerate(graph.node) if consumer_output in node.output)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(index + offset, node)
+    graph.input.extend(inputs)
+    return model
+
+
+def test_a_table_that_changes_with_the_tokens_is_not_used():
+    """input_ids may reach the tables only through their shape (PhiMoE sizes its tables by the embeddings'); a
+    table whose values move with the tokens is refused."""
+    model = rope_graph(INV_FREQ)
+    cast = next(node for node in model.graph.node if node.op_type == "Cast")
+    cast.output[0] = "position_floats"
+    model = with_nodes_before(model, "column", [
+        helper.make_node("Cast", ["input_ids"], ["token_floats"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["position_floats", "token_floats"], ["positions"])],
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "positions"])])
+    assert evaluate_at_positions(model, ["cos", "sin"], 100) is not None
+    assert rotary_tables(model, [("cos", "sin")], 100) == {}
+
+
+def test_a_table_sized_by_the_cache_and_a_weight_in_external_data_is_computed(tmp_path):
+    """PhiMoE computes its tables for as many positions as the cache and the prompt hold (read off the past's
+    shape), and its frequencies here live in external data, as a quantized model's weights do: the table is
+    computed with an empty cache and the weight read from `base_dir`, and refused without it."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    model = rope_graph(INV_FREQ)
+    mul = next(node for node in model.graph.node if node.op_type == "Mul")
+    mul.input[0] = "shifted"
+    model = with_nodes_before(model, "angles", [
+        helper.make_node("Shape", ["past_key_values.0.key"], ["past_shape"]),
+        helper.make_node("Gather", ["past_shape", "two"], ["past_length"]),
+        helper.make_node("Cast", ["past_length"], ["past_float"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["column", "past_float"], ["shifted"])],
+        [helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", "heads", "past", 8])])
+    model.graph.initializer.append(numpy_helper.from_array(np.array(2, dtype=np.int64), "two"))
+    convert_model_to_external_data(model, location="model.onnx_data", size_threshold=0)
+    onnx.save(model, tmp_path / "model.onnx")
+    model = onnx.load(tmp_path / "model.onnx", load_external_data=False)
+
+    assert rotary_tables(model, [("cos", "sin")], 100) == {}  # no base_dir: the frequencies cannot be read
+    cos_cache, sin_cache = rotary_tables(model, [("cos", "sin")], 100, base_dir=tmp_path)[("cos", "sin")]
+    angles = np.arange(100, dtype=np.float32)[:, None] * INV_FREQ
+    np.testing.assert_allclose(cos_cache, np.cos(angles), atol=1e-6)
+    np.testing.assert_allclose(sin_cache, np.sin(angles), atol=1e-6)
 
 
 def partial_rotation(rotated: tuple, passed: tuple) -> dict[str, onnx.NodeProto]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -66,11 +67,11 @@ class Heads:
 
 
 def rewrite_attention(model: onnx.ModelProto, heads: Heads, windows: dict[int, int] | None = None,
-                      rotary_positions: int | None = None) -> onnx.ModelProto:
+                      rotary_positions: int | None = None, base_dir: Path | None = None) -> onnx.ModelProto:
     """A copy of `model` (loaded without its external data) with every layer's attention one GroupQueryAttention
     node, `windows[layer]` its sliding window where it has one; raises NotRewritten saying why not. With
     `rotary_positions`, layers whose rotary embedding is recognized have it folded into the node, with tables
-    for that many positions (onnx_rotary.py)."""
+    for that many positions (onnx_rotary.py), computed with the weights in `base_dir` where they need any."""
     if heads.size % 8:
         raise NotRewritten(f"a head size of {heads.size}: GroupQueryAttention takes multiples of 8")
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -83,7 +84,7 @@ def rewrite_attention(model: onnx.ModelProto, heads: Heads, windows: dict[int, i
         raise NotRewritten("the graph takes no position_ids")
     graph_view = _Graph(graph)
     if rotary_positions:
-        graph_view.fold_rotary(model, layers, rotary_positions)
+        graph_view.fold_rotary(model, layers, rotary_positions, base_dir)
     for layer in layers:
         graph_view.replace_layer(layer, heads, (windows or {}).get(layer))
     graph.input.extend([helper.make_tensor_value_info(SEQLENS, onnx.TensorProto.INT32, ["batch_size"]),
@@ -106,7 +107,7 @@ class _Graph:
         self.initializers = {i.name: i for i in graph.initializer}
         self.rotary_tables: dict[tuple[str, str], tuple[str, str, int]] = {}  # (cos, sin) -> names and width
 
-    def fold_rotary(self, model: onnx.ModelProto, layers: list[int], positions: int) -> None:
+    def fold_rotary(self, model: onnx.ModelProto, layers: list[int], positions: int, base_dir: Path | None) -> None:
         """Tables for the cos/sin pairs the layers' keys are rotated with, where they are positional."""
         pairs = []
         for layer in layers:
@@ -114,7 +115,7 @@ class _Graph:
                                      self.producer)
             if rotation is not None and (rotation.cos, rotation.sin) not in pairs:
                 pairs.append((rotation.cos, rotation.sin))
-        self.rotary_tables, initializers = table_initializers(rotary_tables(model, pairs, positions))
+        self.rotary_tables, initializers = table_initializers(rotary_tables(model, pairs, positions, base_dir))
         self.graph.initializer.extend(initializers)
 
     def replace_layer(self, layer: int, heads: Heads, window: int | None) -> None:

@@ -11,7 +11,9 @@ itself from cos/sin tables indexed by position, the positions following from
 The tables are not recomputed from the config: the graph's own cos and sin
 (whatever rope scaling the model uses, attention factor included) are
 evaluated by onnxruntime for positions 0..max-1, on the part of the graph
-that computes them from position_ids. A table is used only when its rows do
+that computes them from position_ids (and, where PhiMoE's are sized by the
+cache's length and the embeddings' shape, from an empty cache and the graph's
+own weights; the tokens must not change them). A table is used only when its rows do
 not depend on how many positions were asked for (a rope that rescales with
 the sequence's length does), and when each row is two equal halves, as
 rotate_half's convention makes them. Anything else keeps the exported
@@ -21,6 +23,7 @@ rotary embedding, layer by layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -121,12 +124,16 @@ def _is_rotate_half(concat: onnx.NodeProto | None, x: str, producer: dict[str, o
         second_half.input[0] == x and first_half.input[0] == x
 
 
-def rotary_tables(model: onnx.ModelProto, pairs: list[tuple[str, str]], positions: int) -> dict[tuple[str, str], tuple]:
+def rotary_tables(model: onnx.ModelProto, pairs: list[tuple[str, str]], positions: int,
+                  base_dir: Path | None = None) -> dict[tuple[str, str], tuple]:
     """{(cos, sin): (cos_cache, sin_cache)}, each [positions, head_dim / 2], for the pairs whose tables are
-    positional (see the module's docstring); the others are left out."""
+    positional (see the module's docstring); the others are left out. `base_dir` holds the model's external data,
+    for tables whose part of the graph reads a weight."""
     names = sorted({name for pair in pairs for name in pair})
-    long, short = evaluate_at_positions(model, names, positions), evaluate_at_positions(model, names, _CHECK_POSITIONS)
-    if long is None or short is None:
+    evaluate = _part_evaluator(model, names, base_dir)
+    long, short = evaluate(positions), evaluate(_CHECK_POSITIONS)
+    # the tables are the same whatever the tokens (a part that reads the embeddings reads only their shape)
+    if long is None or short is None or not _equal(short, evaluate(_CHECK_POSITIONS, token=1)):
         return {}
     tables = {}
     for cos, sin in pairs:
@@ -146,27 +153,79 @@ def rotary_tables(model: onnx.ModelProto, pairs: list[tuple[str, str]], position
     return tables
 
 
-def evaluate_at_positions(model: onnx.ModelProto, names: list[str], positions: int) -> dict[str, np.ndarray] | None:
+def _equal(values: dict[str, np.ndarray], others: dict[str, np.ndarray] | None) -> bool:
+    return others is not None and all(np.array_equal(values[name], others[name]) for name in values)
+
+
+def evaluate_at_positions(model: onnx.ModelProto, names: list[str], positions: int,
+                          base_dir: Path | None = None) -> dict[str, np.ndarray] | None:
     """`names` computed by onnxruntime from position_ids 0..positions-1, or None when they need more than the
-    position inputs (a weight, say) or onnxruntime cannot run that part of the graph."""
+    position inputs, an empty cache and the graph's own weights (a graph input such as the hidden states, say),
+    or onnxruntime cannot run that part of the graph."""
+    return _part_evaluator(model, names, base_dir)(positions)
+
+
+def _part_evaluator(model: onnx.ModelProto, names: list[str], base_dir: Path | None):
+    """A function of (positions, token) computing `names` on one session over the part of the graph they need;
+    it returns None where evaluate_at_positions says."""
     import onnxruntime as ort
 
     part = _part_computing(model, names)
-    needed = [i.name for i in part.graph.input]
-    if any(name not in POSITION_INPUTS for name in needed) or \
-            any(t.data_location == onnx.TensorProto.EXTERNAL for t in part.graph.initializer):
+    caches = {i.name: empty for i in part.graph.input if (empty := _empty_cache(i)) is not None}
+    session = None
+    if all(name in POSITION_INPUTS or name in caches for name in (i.name for i in part.graph.input)) and \
+            _external_data_loaded(part, base_dir):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(part.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - onnxruntime raises many kinds; the layer keeps its rotary embedding
+            session = None
+
+    def evaluate(positions: int, token: int = 0) -> dict[str, np.ndarray] | None:
+        if session is None:
+            return None
+        feed = {"position_ids": np.arange(positions, dtype=np.int64)[None],
+                "input_ids": np.full((1, positions), token, dtype=np.int64),
+                "attention_mask": np.ones((1, positions), dtype=np.int64), **caches}
+        try:
+            values = session.run(names, {i.name: feed[i.name] for i in session.get_inputs()})
+        except Exception:  # noqa: BLE001 - as above
+            return None
+        return dict(zip(names, values))
+
+    return evaluate
+
+
+def _external_data_loaded(part: onnx.ModelProto, base_dir: Path | None) -> bool:
+    """Read the part's weights that live in external data (the embeddings a table's length is taken from, as
+    PhiMoE's is) into it; False when there are some and no `base_dir`, or they cannot be read."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    for tensor in part.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        if base_dir is None:
+            return False
+        try:
+            load_external_data_for_tensor(tensor, str(base_dir))
+        except (OSError, ValueError):
+            return False
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+    return True
+
+
+def _empty_cache(graph_input: onnx.ValueInfoProto) -> np.ndarray | None:
+    """A past key/value input holding nothing yet, for one sequence: [1, heads, 0, head size], a dimension the
+    graph leaves symbolic taken as 1 (only the cache's length can reach a table); None for any other input."""
+    if not graph_input.name.startswith("past_key_values."):
         return None
-    feed = {"position_ids": np.arange(positions, dtype=np.int64)[None],
-            "input_ids": np.zeros((1, positions), dtype=np.int64),
-            "attention_mask": np.ones((1, positions), dtype=np.int64)}
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(part.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        values = session.run(names, {name: feed[name] for name in needed})
-    except Exception:  # noqa: BLE001 - onnxruntime raises many kinds; the layer keeps its rotary embedding
+    tensor = graph_input.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tensor.shape.dim]
+    if len(dims) != 4:
         return None
-    return dict(zip(names, values))
+    return np.zeros((1, dims[1], 0, dims[3]), dtype=helper.tensor_dtype_to_np_dtype(tensor.elem_type))
 
 
 def _part_computing(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

@@ -8,6 +8,7 @@ the exported graph's own attention (onnx_engine.py), with the reason logged.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
@@ -42,7 +43,8 @@ def onnx_runner(graph, text_config, *, attention: str, max_batch_size: int, max_
                                "replaces, may carry them (ALiBi)")
         # a rope whose factors change past a length (Phi-3's longrope) has no one table per position
         rewritten = rewrite_attention(model, Heads(heads, kv_heads, head_dim), sliding_windows(text_config),
-                                      rotary_positions=max_model_len if recompute_at is None else None)
+                                      rotary_positions=max_model_len if recompute_at is None else None,
+                                      base_dir=Path(graph).parent)
         try:  # a graph the rewrite misread fails here, at load, rather than on the first request
             runner = StaticCacheRunner(OnnxDecoder(graph, graph=rewritten.SerializeToString()), slots=max_batch_size,
                                        max_len=max_model_len, kv_heads=kv_heads, head_dim=head_dim,
