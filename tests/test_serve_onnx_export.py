@@ -21,7 +21,7 @@ from orion_cli.onnx_export.float_model import export_float_model
 from orion_cli.serve.onnx_cache import EXPORT_SUBDIR, RECORD_FILE, CacheSpaceError, check_free_space, float_model_for
 from server_process import serving
 from serve_testing import kl_divergence
-from tiny_models import ARCHITECTURES, build_model, olmoe_config
+from tiny_models import ARCHITECTURES, build_model, granitemoe_config
 
 PROMPT = [5, 17, 42, 99, 7, 130, 64, 3, 250, 11]
 
@@ -106,11 +106,14 @@ def test_a_checkpoint_is_served_by_onnxruntime_from_its_cached_export(tiny_llama
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_an_architecture_the_torch_engine_cannot_run_is_served_by_onnxruntime(tiny_models, tmp_path):
-    """transformers' StableLM takes no attention function, so the torch engine cannot run it: `--engine auto`
-    serves its export instead (a warning says so) and it answers what generate() does. Its graph is the one
-    whose attention scale comes from the query's shape, and whose rotary embedding turns 16 of 64 dims."""
-    path = tiny_models["stablelm"]
+@pytest.mark.parametrize("arch", ["stablelm", "phimoe"])
+def test_an_architecture_the_torch_engine_cannot_run_is_served_by_onnxruntime(tiny_models, tmp_path, arch):
+    """transformers' StableLM and PhiMoE take no attention function, so the torch engine cannot run them:
+    `--engine auto` serves their export instead (a warning says so) and it answers what generate() does.
+    StableLM's graph is the one whose attention scale comes from the query's shape, and whose rotary embedding
+    turns 16 of 64 dims; PhiMoE's is a standard-decoder export with its experts made traceable, whose rotary
+    tables are sized by the cache and the embeddings' shape (computed with the export's external weights)."""
+    path = tiny_models[arch]
     body, expected = greedy_request(path)
     with serving(path, "--port", "0", env={"ORION_CACHE_DIR": str(tmp_path / "cache")}) as server:
         assert server.ready["engine"] == "onnxruntime"
@@ -132,7 +135,7 @@ def test_what_onnxruntime_cannot_do_is_refused_before_any_export(orion, tiny_lla
 
 def test_an_architecture_no_export_takes_fails_in_one_line_and_leaves_no_export(orion, tmp_path, monkeypatch):
     monkeypatch.setenv("ORION_CACHE_DIR", str(tmp_path / "cache"))
-    model = build_model(olmoe_config(), tmp_path / "olmoe")
+    model = build_model(granitemoe_config(), tmp_path / "granitemoe")
     result = orion("serve", model, "--engine", "onnxruntime")
     assert result.exit_code == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("orion: error:")]

@@ -59,6 +59,11 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                          decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    # no attention functions: served by onnxruntime, through the standard-decoder export and experts.py's blocks
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         shared_expert_intermediate_size=96, tie_word_embeddings=False)),
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
     # RoPE scaling variants, with original lengths the test prompts exceed
     "llama-rope-llama3": ("LlamaConfig", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                             "high_freq_factor": 4.0,
@@ -107,17 +112,28 @@ def tiny_config(name: str, **overrides: Any):
     )
 
 
-def olmoe_config():
-    """An architecture no ONNX export takes (optimum-onnx 0.1.0 lists no OLMoE, and its transformers class takes no
-    attention functions): the subject of the tests that such a model is refused in one line."""
+def config_outside_the_table(class_name: str, **fields: Any):
+    """A tiny config of an architecture outside the table (`class_name` from transformers, `fields` its own
+    shape), for tests whose subject is how orion refuses it."""
     import transformers
 
     from orion_cli.reference.tokenizer import EOS, PAD
 
     tokenizer = tiny_tokenizer()
     eos, pad = tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(PAD)
-    return transformers.OlmoeConfig(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
-                                    num_experts=4, num_experts_per_tok=2, **_SHAPE)
+    return getattr(transformers, class_name)(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos,
+                                             pad_token_id=pad, **fields)
+
+
+def granitemoe_config():
+    """GraniteMoE: a standard decoder whose experts' block no export makes traceable (it splits its rows by
+    the routing's counts in Python)."""
+    return config_outside_the_table("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2, **_SHAPE)
+
+
+def mamba_config():
+    """Mamba: a state-space model, no key/value cache and no attention; not a standard decoder."""
+    return config_outside_the_table("MambaConfig", hidden_size=64, state_size=8, num_hidden_layers=2)
 
 
 def build_tiny_model(name: str, output: str | Path, seed: int = 0, **overrides: Any) -> Path:

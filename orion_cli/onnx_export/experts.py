@@ -1,40 +1,95 @@
 """Mixture-of-experts blocks made traceable for the ONNX export, where optimum has no patch of its own.
 
-transformers' sparse MoE blocks loop only over the experts some token was
-routed to (`expert_hit`): the tracer fixes that set to the dummy batch's, and
-the graph fails on any other batch (measured on Mixtral: onnxruntime's Split
-refuses the routing of a real prompt). optimum patches Qwen3-MoE's block to
-loop over every expert instead, an expert no token chose computing on zero
+transformers' sparse MoE blocks mostly loop only over the experts some token
+was routed to (`expert_hit`): the tracer fixes that set to the dummy batch's,
+and the graph fails on any other batch (measured on Mixtral: onnxruntime's
+Split refuses the routing of a real prompt). optimum patches Qwen3-MoE's block
+to loop over every expert instead, an expert no token chose computing on zero
 rows. Its patched forward is written for any block with Mixtral's contract
 (`gate`, `experts`, `top_k`, `num_experts`, top-k weights renormalized when
-`norm_topk_prob`), so a block listed here gets it too. A block is listed only
-once its export has been compared with transformers' logits (the test table).
+`norm_topk_prob`), so a block listed here gets it too; Qwen2-MoE's adds its
+gated shared expert after it. PhiMoE routes with its own sparsemixer and then
+skips an expert no token chose (`if top_x.shape[0] == 0: continue`, the same
+trap), so its routing is kept and the loop replaced. OLMoE's block already runs
+every expert and is listed with no patch. A block is listed only once its
+export has been compared with transformers' logits (the test table).
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Callable
 
-# model_type -> (module, block class, whether its top-k routing weights are renormalized)
-TRACEABLE_BLOCKS = {
-    "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock", True),
+_MODULE = "transformers.models.{0}.modeling_{0}"
+
+
+def _renormalized(self, hidden_states):
+    """Mixtral's block: optimum's every-expert forward with the one switch it reads that Mixtral's block lacks."""
+    from optimum.exporters.onnx.model_patcher import qwen3_moe_forward_patched
+
+    self.norm_topk_prob = True  # Mixtral always renormalizes its top-k weights
+    return qwen3_moe_forward_patched(self, hidden_states)
+
+
+def _with_shared_expert(self, hidden_states):
+    """Qwen2-MoE's block: the routed experts as Qwen3-MoE's, plus a shared expert every token takes, scaled by
+    its own sigmoid gate (transformers' Qwen2MoeSparseMoeBlock.forward, without the `expert_hit` loop)."""
+    import torch
+    from optimum.exporters.onnx.model_patcher import qwen3_moe_forward_patched
+
+    routed, router_logits = qwen3_moe_forward_patched(self, hidden_states)
+    shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * self.shared_expert(hidden_states)
+    return routed + shared, router_logits
+
+
+def _sparsemixer_routed(self, hidden_states):
+    """PhiMoE's block (transformers' PhimoeSparseMoeBlock.forward at inference), every expert run."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    batch_size, sequence_length, hidden_dim = hidden_states.shape
+    flat = hidden_states.view(-1, hidden_dim)
+    router_logits = self.gate(flat)
+    weights, selected = sparsemixer(router_logits, jitter_eps=self.router_jitter_noise, training=False)
+    return _every_expert(self, flat, weights, selected).reshape(batch_size, sequence_length, hidden_dim), router_logits
+
+
+def _every_expert(self, flat, weights, selected):
+    """Each expert's output on the rows routed to it, weighted and summed; an expert no row chose computes on
+    zero rows instead of being skipped, so the traced graph holds every expert."""
+    import torch
+
+    out = torch.zeros_like(flat)
+    expert_mask = torch.nn.functional.one_hot(selected, num_classes=self.num_experts).permute(2, 1, 0)
+    for expert_index, expert in enumerate(self.experts):
+        choice, rows = torch.where(expert_mask[expert_index])
+        out.index_add_(0, rows, expert(flat[rows]) * weights[rows, choice, None])
+    return out
+
+
+# model_type -> (block class, forward swapped in for the export; None where the block's own forward already
+# runs every expert)
+TRACEABLE_BLOCKS: dict[str, tuple[str, Callable | None]] = {
+    "mixtral": ("MixtralSparseMoeBlock", _renormalized),
+    "qwen2_moe": ("Qwen2MoeSparseMoeBlock", _with_shared_expert),
+    "olmoe": ("OlmoeSparseMoeBlock", None),
+    "phimoe": ("PhimoeSparseMoeBlock", _sparsemixer_routed),
 }
+
+
+def traceable(model_type: str) -> bool:
+    return model_type in TRACEABLE_BLOCKS
 
 
 def experts_patcher(model_type: str) -> type | None:
     """An optimum ModelPatcher that swaps in the every-expert forward for `model_type`'s block; None when the
-    block is not listed."""
+    block needs none or is not listed (traceable() tells the two apart)."""
     entry = TRACEABLE_BLOCKS.get(model_type)
-    if entry is None:
+    if entry is None or entry[1] is None:
         return None
-    from optimum.exporters.onnx.model_patcher import ModelPatcher, qwen3_moe_forward_patched
+    from optimum.exporters.onnx.model_patcher import ModelPatcher
 
-    module, class_name, renormalized = entry
-    block = getattr(importlib.import_module(module), class_name)
-
-    def every_expert_forward(self, hidden_states):
-        self.norm_topk_prob = renormalized  # the one switch optimum's forward reads that Mixtral's block lacks
-        return qwen3_moe_forward_patched(self, hidden_states)
+    class_name, every_expert_forward = entry
+    block = getattr(importlib.import_module(_MODULE.format(model_type)), class_name)
 
     class ExpertsPatcher(ModelPatcher):
         def __enter__(self):

@@ -148,22 +148,24 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
     registered under another name: input ids, attention mask, position ids and a key/value cache of
     num_key_value_heads x head_dim. A transformers class that takes attention functions
     (`_supports_attention_backend`) is built on that contract (the attention interface, the cache object,
-    position ids), so StarCoder2 exports the same way. Experts need their block made traceable
-    (experts.py); a block not listed there is refused. Whether an export is right is checked, not assumed:
-    every architecture of the test table is compared with transformers' logits.
+    position ids), so StarCoder2 exports the same way. So is a class with transformers' older per-backend
+    attention classes (`_supports_sdpa`) whose forward takes those inputs and a cache object (OLMoE,
+    Qwen2-MoE, PhiMoE); a hybrid whose cache is not a key/value cache (Jamba, Bamba) fails in the trace, saying
+    so. Experts need their block made traceable (experts.py); a block not listed there is refused. Whether an
+    export is right is checked, not assumed: every architecture of the test table is compared with
+    transformers' logits.
     """
-    from .experts import experts_patcher
+    from .experts import experts_patcher, traceable
 
     config = model.config
-    if not getattr(type(model), "_supports_attention_backend", False):
-        return None, "its transformers class takes no attention functions, so it is not a standard decoder"
-    patcher = None
+    if not _takes_standard_decoder_inputs(type(model)):
+        return None, ("its transformers class neither takes attention functions nor has SDPA attention over "
+                      "input ids, attention mask, position ids and past key values, so it is not a standard decoder")
     experts = [name for name in EXPERT_COUNTS if getattr(config, name, None)]
-    if experts:
-        patcher = experts_patcher(config.model_type)
-        if patcher is None:
-            return None, (f"its config has experts ({experts[0]}={getattr(config, experts[0])}) of a block orion "
-                          "has not made traceable, so their routing would be fixed to the traced shapes")
+    if experts and not traceable(config.model_type):
+        return None, (f"its config has experts ({experts[0]}={getattr(config, experts[0])}) of a block orion "
+                      "has not made traceable, so their routing would be fixed to the traced shapes")
+    patcher = experts_patcher(config.model_type) if experts else None
     from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
     from optimum.utils import NormalizedTextConfigWithGQA
 
@@ -173,6 +175,16 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
             _MODEL_PATCHER = patcher
 
     return StandardDecoderOnnxConfig, ""
+
+
+def _takes_standard_decoder_inputs(model_class: type) -> bool:
+    import inspect
+
+    if getattr(model_class, "_supports_attention_backend", False):
+        return True
+    parameters = inspect.signature(model_class.forward).parameters
+    return bool(getattr(model_class, "_supports_sdpa", False)) and all(
+        name in parameters for name in ("input_ids", "attention_mask", "position_ids", "past_key_values"))
 
 
 def _first_sentence(exc: Exception) -> str:
