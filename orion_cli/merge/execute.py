@@ -29,7 +29,7 @@ from ..producing import Output, Source, producing
 from ..progress import ProgressReporter
 from ..sizes import parse_size
 from .refs import map_model_refs, mergekit_version, model_ref, validated
-from .verify import check_complete, inferred_architecture, uncovered_tensors
+from .verify import check_complete, first_index_is_the_layer, inferred_architecture, uncovered_tensors
 
 log = logging.getLogger(__name__)
 
@@ -211,12 +211,13 @@ def run_mergekit(config: dict[str, Any], out_dir: Path, *, allow_crimes: bool, s
     )
     merge_config = MergeConfiguration.model_validate(config)
     try:
-        missed = uncovered_tensors(merge_config, options, shared_tensors) if shared_tensors else set()
-        if missed:
-            log.info("mergekit's description of this architecture does not fit these checkpoints (%s); merging "
-                     "with the architecture it infers from the checkpoints instead", ", ".join(sorted(missed)[:4]))
-        with _preserved_rng(), (inferred_architecture(merge_config, options) if missed else contextlib.nullcontext()):
-            run_merge(merge_config, str(out_dir), options=options)
+        with first_index_is_the_layer():
+            missed = uncovered_tensors(merge_config, options, shared_tensors) if shared_tensors else set()
+            if missed:
+                log.info("mergekit's description of this architecture does not fit these checkpoints (%s); merging "
+                         "with the architecture it infers from the checkpoints instead", ", ".join(sorted(missed)[:4]))
+            with _preserved_rng(), (inferred_architecture(merge_config, options) if missed else contextlib.nullcontext()):
+                run_merge(merge_config, str(out_dir), options=options)
     except (RuntimeError, ValueError, KeyError, AssertionError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UnsupportedModelError(f"mergekit could not merge these models: {first_line}") from exc

@@ -11,6 +11,9 @@ longer saves (GPT-NeoX's attention mask buffers). Two defences:
   mergekit is given the architecture it infers from the checkpoints' own tensor
   names instead (its `infer_architecture_info`), so mergekit merges those
   tensors too, with the method asked for;
+- mergekit's inference refuses a tensor name with two indices (an expert's
+  weight, `layers.3.mlp.experts.7.up_proj`), so during a merge only a name's
+  first index is read as its layer (first_index_is_the_layer);
 - after the merge, the output is compared with what its config needs: every
   tensor of the model transformers builds from the output's config.json (tied
   heads excepted), with the inputs' shapes, and, for whole-model merges, every
@@ -78,6 +81,38 @@ def inferred_architecture(merge_config, options) -> Iterator[None]:
         yield
     finally:
         mergekit.merge.get_architecture_info = original
+
+
+@contextlib.contextmanager
+def first_index_is_the_layer() -> Iterator[None]:
+    """mergekit infers an architecture it has no description of (OLMoE, Qwen2-MoE, PhiMoE) from tensor names,
+    reading `.N.` as the layer index, and refuses a name with two. For the duration of a merge, only a name's
+    first index is its layer: an expert's index stays literal in the layer's template, one template per expert,
+    so each expert is merged with the same expert of the other models."""
+    import mergekit.architecture.auto as auto
+
+    original = auto.RE_LAYER_INDEX
+    auto.RE_LAYER_INDEX = _FirstIndexOnly(original)
+    try:
+        yield
+    finally:
+        auto.RE_LAYER_INDEX = original
+
+
+class _FirstIndexOnly:
+    """The three uses mergekit's inference makes of its layer-index pattern, each on a name's first match."""
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+
+    def findall(self, name: str) -> list[str]:
+        return self.pattern.findall(name)[:1]
+
+    def search(self, name: str):
+        return self.pattern.search(name)
+
+    def sub(self, replacement: str, name: str) -> str:
+        return self.pattern.sub(replacement, name, count=1)
 
 
 def expected_tensors(output_dir: Path) -> dict[str, tuple[int, ...]] | None:
