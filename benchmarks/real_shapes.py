@@ -42,10 +42,22 @@ SHAPES = {
         hidden_size=3072, intermediate_size=12288, num_hidden_layers=30, num_attention_heads=24,
         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=16384, sliding_window=4096,
         rope_theta=999999.4420358813, norm_epsilon=1e-5, use_bias=True, tie_word_embeddings=True)),
+    "olmoe-1b-7b": ("OlmoeConfig", dict(
+        hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, vocab_size=50304,
+        max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    "qwen1.5-moe-a2.7b": ("Qwen2MoeConfig", dict(
+        hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+        num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
+        norm_topk_prob=False, vocab_size=151936, max_position_embeddings=8192, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, use_sliding_window=False, tie_word_embeddings=False)),
 }
 
 
-def write_random_checkpoint(name: str, output: Path, dtype: str = "bfloat16", seed: int = 0) -> Path:
+def write_random_checkpoint(name: str, output: Path, dtype: str = "bfloat16", seed: int = 0,
+                            layers: int | None = None) -> Path:
+    """`name`'s shapes with random weights in `output`; `layers` keeps only the first so many decoder layers
+    (each of the real shape), for a trial of an architecture whose whole model would not fit the machine."""
     import torch
     import transformers
     from accelerate import init_empty_weights
@@ -55,6 +67,7 @@ def write_random_checkpoint(name: str, output: Path, dtype: str = "bfloat16", se
 
     class_name, arguments = SHAPES[name]
     tokenizer = corpus_tokenizer(512, 400_000)
+    arguments = {**arguments, **({"num_hidden_layers": layers} if layers else {})}
     config = getattr(transformers, class_name)(
         **arguments, bos_token_id=tokenizer.convert_tokens_to_ids(EOS),
         eos_token_id=tokenizer.convert_tokens_to_ids(EOS), pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
@@ -113,8 +126,10 @@ def main() -> None:
     parser.add_argument("name", choices=sorted(SHAPES))
     parser.add_argument("output", type=Path)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--layers", type=int, help="keep only the first N decoder layers (a trial of a model too "
+                        "large for the machine)")
     args = parser.parse_args()
-    print(write_random_checkpoint(args.name, args.output, args.dtype), file=sys.stderr)
+    print(write_random_checkpoint(args.name, args.output, args.dtype, layers=args.layers), file=sys.stderr)
 
 
 if __name__ == "__main__":
