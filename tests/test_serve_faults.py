@@ -135,7 +135,14 @@ def test_a_dead_worker_fails_in_flight_requests_then_the_group_restarts_then_giv
     ({"model_type": "stablelm", "architectures": ["StableLmForCausalLM"]},
      ("--tp", "2"), 1, "takes no attention function, so the torch engine (whose KV cache is an attention function) "
                        "cannot run it; serve it in one process with --engine onnxruntime"),
-], ids=["remote-code", "no-causal-lm-class", "no-attention-functions"])
+    # layers whose state is not keys and values: before, served with that state dropped at every step (wrong tokens)
+    ({"model_type": "lfm2", "architectures": ["Lfm2ForCausalLM"], "layer_types": ["conv", "full_attention"]},
+     ("--engine", "torch"), 1, "has layers of type 'conv' (config.json layer_types), whose state is not a key/value "
+                               "cache"),
+    ({"model_type": "minimax", "architectures": ["MiniMaxForCausalLM"],
+      "layer_types": ["linear_attention", "full_attention"]},
+     ("--tp", "2"), 1, "has layers of type 'linear_attention' (config.json layer_types)"),
+], ids=["remote-code", "no-causal-lm-class", "no-attention-functions", "convolution-layers", "linear-attention"])
 def test_what_cannot_run_is_refused_with_the_reason(orion, tiny_llama, tmp_path, config, flags, code, message):
     import json
     import shutil

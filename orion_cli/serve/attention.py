@@ -146,6 +146,7 @@ class SlotCache:
 class Context:
     cache: SlotCache
     step: Step
+    calls: list[tuple[int, bool]] | None = None  # when set: (layer index, whether its mask is plain causal) per call
 
 
 # The stage running now: set by the stage model around each forward, read by every layer's attention.
@@ -159,6 +160,8 @@ def orion_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     """query [rows, heads, width, head_dim], key/value [rows, kv_heads, width, head_dim] -> [rows, width, heads, head_dim]."""
     context = CURRENT.get()
     step = context.step
+    if context.calls is not None:
+        context.calls.append((module.layer_idx, attention_mask is None or is_causal(attention_mask)))
     rows, kv_heads, width, head_dim = key.shape
     keys, values = context.cache.layer(module.layer_idx, kv_heads, head_dim)
     slots = slice(step.first_slot, step.first_slot + rows)
@@ -180,6 +183,17 @@ def orion_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     else:
         out = _attend_explicitly(query, cached_keys, cached_values, mask, step, scale, softcap, s_aux)
     return out.transpose(1, 2).contiguous(), None
+
+
+def is_causal(mask: torch.Tensor) -> bool:
+    """Whether a mask a model hands over for one unpadded prompt (the load probe's) is the plain causal one the
+    cache's own masking reproduces: boolean (True attends) or additive (0 attends, a large negative masks)."""
+    width = mask.shape[-2]
+    causal = torch.ones(width, mask.shape[-1], dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return bool((mask == causal).all())
+    allowed = mask > torch.finfo(mask.dtype).min / 2
+    return bool((allowed == causal).all() and (mask[allowed] == 0).all())
 
 
 def _scale(module: Any, head_dim: int) -> float:

@@ -304,11 +304,25 @@ def _read_config(model: ModelDir, trust_remote_code: bool) -> Any:
 def _attention_refusal(model: ModelDir, config: Any) -> str | None:
     from transformers import AutoModelForCausalLM
 
-    if _remote(config) or getattr(AutoModelForCausalLM._model_mapping[type(config)], "_supports_attention_backend",
-                                  False):
+    if _remote(config):
         return None
-    return (f"MODEL_DIR {model.root}: transformers' {_architecture(config)} picks its attention classes itself and "
-            "takes no attention function, so the torch engine (whose KV cache is an attention function) cannot run it")
+    if not getattr(AutoModelForCausalLM._model_mapping[type(config)], "_supports_attention_backend", False):
+        return (f"MODEL_DIR {model.root}: transformers' {_architecture(config)} picks its attention classes itself "
+                "and takes no attention function, so the torch engine (whose KV cache is an attention function) "
+                "cannot run it")
+    text = config.get_text_config()
+    others = sorted(set(getattr(text, "layer_types", None) or ()) - CACHED_LAYER_TYPES)
+    if others:
+        return (f"MODEL_DIR {model.root}: {_architecture(config)} has layers of type {others[0]!r} (config.json "
+                "layer_types), whose state is not a key/value cache (linear attention, convolution), so the torch "
+                "engine, which keeps only keys and values, cannot run it")
+    return None
+
+
+# Layer kinds whose whole state is the keys and values the torch engine's attention function caches, with a
+# sliding window it applies. transformers also has "chunked_attention" (Llama 4: a mask the function does not
+# build), "linear_attention" (MiniMax) and "conv" (LFM2), which keep state of their own.
+CACHED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
 def _remote(config: Any) -> bool:
