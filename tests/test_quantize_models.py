@@ -20,7 +20,8 @@ from orion_cli.onnx_decoder import OnnxDecoder
 from orion_cli.onnx_export.graph import EXPERT_COUNTS
 from orion_cli.quantize import quantize_model
 from orion_cli.registry import Registry
-from tiny_models import ARCHITECTURES, build_model, build_tiny_model, granitemoe_config, mamba_config
+from tiny_models import (ARCHITECTURES, build_model, build_tiny_model, cohere2_config, granitemoe_config,
+                         mamba_config)
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +128,7 @@ def check_loads_and_generates(model_dir: Path) -> None:
 NO_POSITION_IDS = "the graph takes no position_ids"  # optimum's Gemma exports derive them from the cache's length
 KEEPS_EXPORTED_ATTENTION = {
     "gemma": NO_POSITION_IDS, "gemma2": NO_POSITION_IDS, "gemma3_text": NO_POSITION_IDS,
-    "gpt2": "positions that are not rotary",  # learned positions
+    "gpt2": "positions that are not rotary", "opt": "positions that are not rotary",  # learned positions
 }
 
 
@@ -437,3 +438,17 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
     (deep_peak, deep_weights), (shallow_peak, _) = peaks[12], peaks[3]
     assert deep_weights >= 200e6
     assert deep_peak <= 1.2 * shallow_peak, {k: (round(p / 2**20), round(w / 2**20)) for k, (p, w) in peaks.items()}
+
+
+def test_a_failed_export_keeps_stdout_one_json_document(tmp_path):
+    """torch's exporter prints the whole IR graph to the process's stdout (C++) when it fails: 128 KB ahead of
+    the --json document before, which no pipeline could parse."""
+    from conftest import orion_process
+
+    model = build_model(cohere2_config(), tmp_path / "cohere2")
+    result = orion_process("quantize", "--model", model, "--output", tmp_path / "out", "--json",
+                           env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1
+    document = json.loads(result.stdout)
+    assert "ONNX export failed" in document["error"]["message"], document
+    assert "Torch IR graph" in result.stderr

@@ -16,13 +16,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orion_cli.errors import UsageError
+from orion_cli.errors import ModelDirError, UsageError
 from orion_cli.serve.plans import Shape, check_parallel, model_plan, split_layers
 from orion_cli.serve.protocol import SamplingSpec
 from orion_cli.serve.sampling import Sampler
 from orion_cli.serve.stage_link import pack_rows, unpack_rows
 from orion_cli.serve.text import TextStream
-from tiny_models import ARCHITECTURES, torch_engine_runs
+from tiny_models import ARCHITECTURES, build_model, doge_config, lfm2_config, torch_engine_runs
 
 from engine_testing import run_layout
 from serve_testing import hf_greedy, hf_tokenizer, tokenize
@@ -79,6 +79,19 @@ def test_stage_model_reproduces_transformers_in_one_process(tiny_models, arch):
     """(longrope rebuilds its cache at the switch, which the scheduler does: it is checked in the engine test.)"""
     path = tiny_models[arch]
     assert same_until_eos(stage_greedy(path, prompt_ids(path)), expected(path))
+
+
+@pytest.mark.parametrize("config, message", [
+    (lfm2_config, "Lfm2ForCausalLM's layer 0 does not call the attention function"),
+    (doge_config, "DogeForCausalLM's layer 0 hands the attention function a mask of its own"),
+], ids=["convolution-layer", "own-mask"])
+def test_a_layer_whose_state_or_mask_the_cache_would_drop_is_refused_at_load(tmp_path, config, message):
+    """Both take attention functions, and both decoded wrong tokens before: LFM2's convolution layer keeps a
+    state of its own (here the stage is built directly, past the config's layer_types check), and Doge's layers
+    mask by the values they compute, a mask the engine's attention function ignored."""
+    model = build_model(config(), tmp_path / "model")
+    with pytest.raises(ModelDirError, match=message):
+        stage_greedy(model, [[5, 17, 42]])
 
 
 def test_the_prompts_cover_sliding_windows_and_the_longrope_switch(tiny_models):

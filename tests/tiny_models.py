@@ -59,6 +59,8 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                          decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    # learned positions offset by 2, a base model nested one level deeper (model.decoder), tied head
+    "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64, tie_word_embeddings=True)),
     # no attention functions: served by onnxruntime, through the standard-decoder export and experts.py's blocks
     "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
     "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
@@ -129,6 +131,22 @@ def granitemoe_config():
     """GraniteMoE: a standard decoder whose experts' block no export makes traceable (it splits its rows by
     the routing's counts in Python)."""
     return config_outside_the_table("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2, **_SHAPE)
+
+
+def lfm2_config():
+    """LFM2 with a convolution layer first: it takes attention functions, but that layer's state is no KV cache."""
+    return config_outside_the_table("Lfm2Config", layer_types=["conv", "full_attention"], **_SHAPE)
+
+
+def doge_config():
+    """Doge: takes attention functions, and hands them a mask computed from its values (dynamic mask attention)."""
+    return config_outside_the_table("DogeConfig", **_SHAPE)
+
+
+def cohere2_config():
+    """Cohere 2: a standard decoder whose export fails inside torch's exporter (transformers 4.57, optimum-onnx 0.1.0),
+    which then prints its IR graph from C++."""
+    return config_outside_the_table("Cohere2Config", **_SHAPE)
 
 
 def mamba_config():

@@ -94,13 +94,31 @@ def _export(model_dir: Path, output_file: Path, trust_remote_code: bool, flag: s
                                 int_dtype="int64", float_dtype="fp32")
     dummy = export_config.rename_ambiguous_inputs(export_config.generate_dummy_inputs(framework="pt"))
     with torch.no_grad(), export_config.patch_model_for_export(model, model_kwargs={"logits_to_keep": 0}), \
-            _parameter_values_hidden():
+            _parameter_values_hidden(), _native_stdout_to_stderr():
         inputs = export_config.ordered_inputs(model)
         torch.onnx.export(
             model, (dummy,), str(output_file), input_names=list(inputs), output_names=list(export_config.outputs),
             dynamic_axes=dict(chain(inputs.items(), export_config.outputs.items())), do_constant_folding=False,
             opset_version=export_config.DEFAULT_ONNX_OPSET, export_params=False, dynamo=False,
         )
+
+
+@contextlib.contextmanager
+def _native_stdout_to_stderr():
+    """The TorchScript exporter's C++ side prints the whole IR graph (100+ KB) to the process's stdout when an
+    export fails; stdout is the CLI's JSON document, so file descriptor 1 points at stderr for the export."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @contextlib.contextmanager
@@ -158,7 +176,7 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
     from .experts import experts_patcher, traceable
 
     config = model.config
-    if not _takes_standard_decoder_inputs(type(model)):
+    if not takes_standard_decoder_inputs(type(model)):
         return None, ("its transformers class neither takes attention functions nor has SDPA attention over "
                       "input ids, attention mask, position ids and past key values, so it is not a standard decoder")
     experts = [name for name in EXPERT_COUNTS if getattr(config, name, None)]
@@ -177,7 +195,8 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
     return StandardDecoderOnnxConfig, ""
 
 
-def _takes_standard_decoder_inputs(model_class: type) -> bool:
+def takes_standard_decoder_inputs(model_class: type) -> bool:
+    """Whether a transformers class is built on the standard decoder contract (generic_decoder_config)."""
     import inspect
 
     if getattr(model_class, "_supports_attention_backend", False):

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .sensitivity import LayerCall
+from ..base_model import find_base_model
 from ..onnx_export.tensors import ModelTensors, row_blocks
+from .sensitivity import LayerCall
 
 LayerVisit = Callable[[int, nn.Module, LayerCall], None]
 
@@ -46,9 +47,7 @@ class LayerwiseModel:
         self.final_module: nn.Module | None = None  # found by the first forward (final_hidden)
         tensors.base_prefix = model.base_model_prefix
         self.embedding = model.get_input_embeddings()
-        self.prefix = next(name for name, child in model.named_children()
-                           if any(m is self.embedding for m in child.modules()))
-        self.base = getattr(model, self.prefix)
+        self.prefix, self.base = find_base_model(model)
         layers = getattr(self.text_config, "num_hidden_layers", None) or getattr(self.text_config, "n_layer")
         self.layers_name = next(name for name, child in self.base.named_children()
                                 if isinstance(child, nn.ModuleList) and len(child) == layers)

@@ -29,6 +29,11 @@ ORION_PLANS: dict[str, tuple[dict[str, str], list[str]]] = {
     "gpt2": ({"h.*.attn.c_attn": "colwise_rep", "h.*.attn.c_proj": "rowwise_rep",
               "h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"},
              ["wte", "wpe", "drop", "h", "ln_f"]),
+    # OPT's base model is model.decoder (stage.py); project_in/out are None unless word_embed_proj_dim differs
+    "opt": ({"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise",
+             "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.out_proj": "rowwise",
+             "layers.*.fc1": "colwise", "layers.*.fc2": "rowwise"},
+            ["embed_tokens", "embed_positions", "project_in", "layers", "final_layer_norm", "project_out"]),
 }
 
 

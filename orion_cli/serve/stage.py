@@ -31,9 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..base_model import find_base_model
 from ..errors import ModelDirError
 from ..onnx_weights import HEAD_WEIGHT
 from .attention import ATTENTION, CURRENT, Context, SlotCache, Step
+
+# the load probe's prompt: shorter than any sliding window, so the plain causal mask is every layer's mask
+PROBE_TOKENS = 4
 from .kernels import BlockEmbedding
 from .plans import STYLES, Shape, check_split_features, model_plan
 from .tp import (TPGroup, VocabParallelEmbedding, VocabParallelLMHead, WeightLoader,
@@ -94,10 +98,7 @@ class StageModel(nn.Module):
         with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary frequencies) real
             model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=ATTENTION, dtype=load.dtype)
         self.model = model.eval()
-        # the base model: the child holding the input embeddings (its attribute name prefixes the checkpoint's keys)
-        self.prefix = next(name for name, child in model.named_children()
-                           if any(m is model.get_input_embeddings() for m in child.modules()))
-        self.base = getattr(model, self.prefix)
+        self.prefix, self.base = find_base_model(model)
         self.handover = _Handover()
         names = {module: name for name, module in model.named_modules()}
         embedding_name = names[model.get_input_embeddings()] + ".weight"
@@ -138,6 +139,8 @@ class StageModel(nn.Module):
             if getattr(child, "rope_type", None) == "longrope":
                 setattr(self.base, name, PerSequenceRotary(child))
         self._shard_and_load(layers_name, layer_range, load)
+        if tp.size > 1:
+            self._heads_per_rank(layers)
         setattr(self.base, layers_name, nn.ModuleList(layers[i] for i in layer_range))
         self._check_materialized()
         if not first:
@@ -145,6 +148,40 @@ class StageModel(nn.Module):
         if last:
             self.base.register_forward_hook(self._keep_last_positions)
         self.cache = SlotCache(max_slots, max_len, load.dtype, load.device)
+        self._check_every_layer_attends(layer_range, getattr(text, "hidden_size", None) or text.n_embd, load.dtype)
+
+    @torch.inference_mode()  # as the engine's steps run, so the cache rows it writes are the engine's
+    def _check_every_layer_attends(self, layer_range: range, hidden_size: int, dtype: torch.dtype) -> None:
+        """A short prompt through this stage at load, each call of the attention function recorded. A layer that makes
+        none keeps a state of its own the slot cache does not hold (linear attention, a convolution: remote code
+        the config's layer_types do not describe), and one that hands it a mask other than the plain causal one
+        (Doge's dynamic mask; Persimmon's own causal mask is fine) would have that mask ignored: either would
+        decode wrong tokens, so both are refused before any request. The probe writes slot 0's first positions,
+        which every request's prefill overwrites."""
+        width = PROBE_TOKENS
+        step = Step.make(True, 0, [width], [0], self.device)
+        hidden = None if self.first else torch.zeros(1, width, hidden_size, dtype=dtype, device=self.device)
+        calls: list[tuple[int, bool]] = []
+        self.step(step, torch.arange(width, device=self.device).view(1, width), hidden, calls=calls)
+        attending = {layer for layer, _ in calls}
+        silent = [layer for layer in layer_range if layer not in attending]
+        name = type(self.model).__name__
+        if silent:
+            raise ModelDirError(f"MODEL_DIR: {name}'s layer {silent[0]} does not call the attention function, so "
+                                "its state is not a key/value cache the torch engine holds (linear attention, "
+                                "convolution); serve it in one process with --engine onnxruntime")
+        masked = sorted({layer for layer, causal in calls if not causal})
+        if masked:
+            raise ModelDirError(f"MODEL_DIR: {name}'s layer {masked[0]} hands the attention function a mask of its "
+                                "own that is not the plain causal one, which the torch engine (masking by position "
+                                "only) would ignore")
+
+    def _heads_per_rank(self, layers: nn.ModuleList) -> None:
+        """Attention modules that view their projections with a head count of their own (OPT's `num_heads`,
+        where most of transformers' view with -1) get this rank's share of it, as the projections were split."""
+        for module in layers.modules():
+            if getattr(module, "num_heads", None) == self.shape.num_heads and hasattr(module, "layer_idx"):
+                module.num_heads = self.shape.num_heads // self.tp.size
 
     def _stage_modules(self) -> tuple[str, list[str], list[str]]:
         """The layer list's name, and the base model's modules before and after it, in execution order."""
@@ -218,11 +255,11 @@ class StageModel(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def step(self, step: Step, tokens: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
-             every_position: bool = False) -> torch.Tensor:
+             every_position: bool = False, calls: list | None = None) -> torch.Tensor:
         """Run one step: logits [rows, vocab] on the last stage ([rows, width, vocab] with `every_position`),
-        else the hidden states to send on."""
+        else the hidden states to send on; `calls` records the attention function's calls."""
         self.cache.reserve(step.key_length if not step.prefill else step.width)
-        context = CURRENT.set(Context(self.cache, step))
+        context = CURRENT.set(Context(self.cache, step, calls))
         try:
             if not self.first:
                 self.handover.received = hidden
