@@ -42,6 +42,9 @@ SHAPES = {
         hidden_size=3072, intermediate_size=12288, num_hidden_layers=30, num_attention_heads=24,
         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=16384, sliding_window=4096,
         rope_theta=999999.4420358813, norm_epsilon=1e-5, use_bias=True, tie_word_embeddings=True)),
+    "opt-125m": ("OPTConfig", dict(
+        hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12, word_embed_proj_dim=768,
+        vocab_size=50272, max_position_embeddings=2048, do_layer_norm_before=True, tie_word_embeddings=True)),
     "olmoe-1b-7b": ("OlmoeConfig", dict(
         hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
         num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, vocab_size=50304,
