@@ -214,9 +214,11 @@ def run_mergekit(config: dict[str, Any], out_dir: Path, *, allow_crimes: bool, s
         with first_index_is_the_layer():
             missed = uncovered_tensors(merge_config, options, shared_tensors) if shared_tensors else set()
             if missed:
-                log.info("mergekit's description of this architecture does not fit these checkpoints (%s); merging "
-                         "with the architecture it infers from the checkpoints instead", ", ".join(sorted(missed)[:4]))
-            with _preserved_rng(), (inferred_architecture(merge_config, options) if missed else contextlib.nullcontext()):
+                log.info("mergekit's description of this architecture does not fit these checkpoints (%s); "
+                         "merging with the architecture it infers from the checkpoints instead",
+                         ", ".join(sorted(missed)[:4]))
+            inferred = inferred_architecture(merge_config, options) if missed else contextlib.nullcontext()
+            with _preserved_rng(), inferred:
                 run_merge(merge_config, str(out_dir), options=options)
     except (RuntimeError, ValueError, KeyError, AssertionError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -301,6 +301,12 @@ def _read_config(model: ModelDir, trust_remote_code: bool) -> Any:
     return config
 
 
+# Layer kinds whose whole state is the keys and values the torch engine's attention function caches, with a
+# sliding window it applies. transformers also has "chunked_attention" (Llama 4: a mask the function does not
+# build), "linear_attention" (MiniMax) and "conv" (LFM2), which keep state of their own.
+CACHED_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
 def _attention_refusal(model: ModelDir, config: Any) -> str | None:
     from transformers import AutoModelForCausalLM
 
@@ -317,12 +323,6 @@ def _attention_refusal(model: ModelDir, config: Any) -> str | None:
                 "layer_types), whose state is not a key/value cache (linear attention, convolution), so the torch "
                 "engine, which keeps only keys and values, cannot run it")
     return None
-
-
-# Layer kinds whose whole state is the keys and values the torch engine's attention function caches, with a
-# sliding window it applies. transformers also has "chunked_attention" (Llama 4: a mask the function does not
-# build), "linear_attention" (MiniMax) and "conv" (LFM2), which keep state of their own.
-CACHED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 
 
 def _remote(config: Any) -> bool:

@@ -35,13 +35,13 @@ from ..base_model import find_base_model
 from ..errors import ModelDirError
 from ..onnx_weights import HEAD_WEIGHT
 from .attention import ATTENTION, CURRENT, Context, SlotCache, Step
-
-# the load probe's prompt: shorter than any sliding window, so the plain causal mask is every layer's mask
-PROBE_TOKENS = 4
 from .kernels import BlockEmbedding
 from .plans import STYLES, Shape, check_split_features, model_plan
 from .tp import (TPGroup, VocabParallelEmbedding, VocabParallelLMHead, WeightLoader,
                  parallel_linear, vocab_share)
+
+# the load probe's prompt: shorter than any sliding window, so the plain causal mask is every layer's mask
+PROBE_TOKENS = 4
 
 
 class _Handover:
@@ -152,8 +152,8 @@ class StageModel(nn.Module):
 
     @torch.inference_mode()  # as the engine's steps run, so the cache rows it writes are the engine's
     def _check_every_layer_attends(self, layer_range: range, hidden_size: int, dtype: torch.dtype) -> None:
-        """A short prompt through this stage at load, each call of the attention function recorded. A layer that makes
-        none keeps a state of its own the slot cache does not hold (linear attention, a convolution: remote code
+        """A short prompt through this stage at load, each call of the attention function recorded. A layer that
+        makes none keeps a state of its own the slot cache does not hold (linear attention, a convolution: remote code
         the config's layer_types do not describe), and one that hands it a mask other than the plain causal one
         (Doge's dynamic mask; Persimmon's own causal mask is fine) would have that mask ignored: either would
         decode wrong tokens, so both are refused before any request. The probe writes slot 0's first positions,
