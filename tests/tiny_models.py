@@ -59,6 +59,8 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                          decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    # no num_key_value_heads in its config (multi-head), qk layernorm, rotary on half of each 32-wide head
+    "persimmon": ("PersimmonConfig", dict(hidden_size=128, num_key_value_heads=None, tie_word_embeddings=False)),
     # learned positions offset by 2, a base model nested one level deeper (model.decoder), tied head
     "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64, tie_word_embeddings=True)),
     # no attention functions: served by onnxruntime, through the standard-decoder export and experts.py's blocks

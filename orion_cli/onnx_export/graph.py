@@ -164,7 +164,7 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
 
     Most of optimum's decoder entries (OLMo, Qwen2/3, GLM, Helium, Arcee...) are this same description
     registered under another name: input ids, attention mask, position ids and a key/value cache of
-    num_key_value_heads x head_dim. A transformers class that takes attention functions
+    num_key_value_heads x head_dim (attention heads where the config has no key/value head count). A transformers class that takes attention functions
     (`_supports_attention_backend`) is built on that contract (the attention interface, the cache object,
     position ids), so StarCoder2 exports the same way. So is a class with transformers' older per-backend
     attention classes (`_supports_sdpa`) whose forward takes those inputs and a cache object (OLMoE,
@@ -184,11 +184,16 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
         return None, (f"its config has experts ({experts[0]}={getattr(config, experts[0])}) of a block orion "
                       "has not made traceable, so their routing would be fixed to the traced shapes")
     patcher = experts_patcher(config.model_type) if experts else None
+    from optimum.exporters.onnx.config import TextDecoderWithPositionIdsOnnxConfig
     from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
-    from optimum.utils import NormalizedTextConfigWithGQA
+    from optimum.utils import NormalizedTextConfig, NormalizedTextConfigWithGQA
 
-    class StandardDecoderOnnxConfig(LlamaOnnxConfig):
-        NORMALIZED_CONFIG_CLASS = NormalizedTextConfigWithGQA
+    # A config without num_key_value_heads (Persimmon, BioGPT) caches as many key/value heads as query heads: the
+    # description GPT-NeoX's and Phi's entries share, whose dummy cache is sized by the attention heads.
+    grouped = getattr(config, "num_key_value_heads", None) is not None
+
+    class StandardDecoderOnnxConfig(LlamaOnnxConfig if grouped else TextDecoderWithPositionIdsOnnxConfig):
+        NORMALIZED_CONFIG_CLASS = NormalizedTextConfigWithGQA if grouped else NormalizedTextConfig
         if patcher is not None:
             _MODEL_PATCHER = patcher
 

@@ -29,6 +29,11 @@ ORION_PLANS: dict[str, tuple[dict[str, str], list[str]]] = {
     "gpt2": ({"h.*.attn.c_attn": "colwise_rep", "h.*.attn.c_proj": "rowwise_rep",
               "h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"},
              ["wte", "wpe", "drop", "h", "ln_f"]),
+    # Persimmon's fused query_key_value is laid out head by head ([heads, 3, head_dim]), so a colwise share is
+    # whole heads, each with its q, k and v; its attention views by num_heads (stage.py's _heads_per_rank)
+    "persimmon": ({"layers.*.self_attn.query_key_value": "colwise", "layers.*.self_attn.dense": "rowwise",
+                   "layers.*.mlp.dense_h_to_4h": "colwise", "layers.*.mlp.dense_4h_to_h": "rowwise"},
+                  ["embed_tokens", "layers", "final_layernorm"]),
     # OPT's base model is model.decoder (stage.py); project_in/out are None unless word_embed_proj_dim differs
     "opt": ({"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise",
              "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.out_proj": "rowwise",
