@@ -164,8 +164,8 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
 
     Most of optimum's decoder entries (OLMo, Qwen2/3, GLM, Helium, Arcee...) are this same description
     registered under another name: input ids, attention mask, position ids and a key/value cache of
-    num_key_value_heads x head_dim (attention heads where the config has no key/value head count). A transformers class that takes attention functions
-    (`_supports_attention_backend`) is built on that contract (the attention interface, the cache object,
+    num_key_value_heads x head_dim (attention heads where the config has no key/value head count). A
+    transformers class that takes attention functions (`_supports_attention_backend`) is built on that contract (the attention interface, the cache object,
     position ids), so StarCoder2 exports the same way. So is a class with transformers' older per-backend
     attention classes (`_supports_sdpa`) whose forward takes those inputs and a cache object (OLMoE,
     Qwen2-MoE, PhiMoE); a hybrid whose cache is not a key/value cache (Jamba, Bamba) fails in the trace, saying
