@@ -166,8 +166,8 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
     under another name: input ids, attention mask, position ids and a key/value cache of num_key_value_heads x
     head_dim (attention heads where the config has no key/value head count). A transformers class that takes
     attention functions (`_supports_attention_backend`) is built on that contract (the attention interface, the
-    cache object, position ids), so StarCoder2 exports the same way. So is a class with transformers' older per-
-    backend attention classes (`_supports_sdpa`) whose forward takes those inputs and a cache object (OLMoE,
+    cache object, position ids), so StarCoder2 exports the same way. So is a class with transformers' older
+    per-backend attention classes (`_supports_sdpa`) whose forward takes those inputs and a cache object (OLMoE,
     Qwen2-MoE, PhiMoE); a hybrid whose cache is not a key/value cache (Jamba, Bamba) fails in the trace, saying so.
     Experts need their block made traceable (experts.py); a block not listed there is refused. Whether an export is
     right is checked, not assumed: every architecture of the test table is compared with transformers' logits.
