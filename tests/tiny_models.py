@@ -99,61 +99,52 @@ def tiny_tokenizer():
 
 
 def tiny_config(name: str, **overrides: Any):
-    import transformers
-
-    from orion_cli.reference.tokenizer import EOS, PAD
-
     class_name, extra = TINY[name]
-    tokenizer = tiny_tokenizer()
-    eos, pad = tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(PAD)
     shape = {} if class_name == "GPT2Config" else dict(_SHAPE)
-    # a larger vocab_size override is a padded table, as many real models have (rows no token id reaches)
-    return getattr(transformers, class_name)(
-        vocab_size=overrides.pop("vocab_size", len(tokenizer)), bos_token_id=eos, eos_token_id=eos, pad_token_id=pad,
-        # Wider than the usual 0.02 so random logits are far apart and greedy
-        # decoding is not decided by float rounding.
-        **{"initializer_range": 0.2, **shape, **extra, **overrides},
-    )
+    # Wider than the usual 0.02 so random logits are far apart and greedy decoding is not decided by float
+    # rounding. A larger vocab_size override is a padded table, as many real models have (rows no token id reaches).
+    return config_of(class_name, **{"initializer_range": 0.2, **shape, **extra, **overrides})
 
 
-def config_outside_the_table(class_name: str, **fields: Any):
-    """A tiny config of an architecture outside the table (`class_name` from transformers, `fields` its own
-    shape), for tests whose subject is how orion refuses it."""
+def config_of(class_name: str, **fields: Any):
+    """A config of transformers' `class_name` with the tiny tokenizer's vocabulary and special tokens and `fields`
+    (its shape; `vocab_size` among them pads the table): the table's models, and the tests whose subject is an
+    architecture outside it, such as how orion refuses one."""
     import transformers
 
     from orion_cli.reference.tokenizer import EOS, PAD
 
     tokenizer = tiny_tokenizer()
     eos, pad = tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(PAD)
-    return getattr(transformers, class_name)(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos,
-                                             pad_token_id=pad, **fields)
+    return getattr(transformers, class_name)(**{"vocab_size": len(tokenizer), "bos_token_id": eos,
+                                                "eos_token_id": eos, "pad_token_id": pad, **fields})
 
 
 def granitemoe_config():
     """GraniteMoE: a standard decoder whose experts' block no export makes traceable (it splits its rows by
     the routing's counts in Python)."""
-    return config_outside_the_table("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2, **_SHAPE)
+    return config_of("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2, **_SHAPE)
 
 
 def lfm2_config():
     """LFM2 with a convolution layer first: it takes attention functions, but that layer's state is no KV cache."""
-    return config_outside_the_table("Lfm2Config", layer_types=["conv", "full_attention"], **_SHAPE)
+    return config_of("Lfm2Config", layer_types=["conv", "full_attention"], **_SHAPE)
 
 
 def doge_config():
     """Doge: takes attention functions, and hands them a mask computed from its values (dynamic mask attention)."""
-    return config_outside_the_table("DogeConfig", **_SHAPE)
+    return config_of("DogeConfig", **_SHAPE)
 
 
 def cohere2_config():
     """Cohere 2: a standard decoder whose export fails inside torch's exporter (transformers 4.57, optimum-onnx 0.1.0),
     which then prints its IR graph from C++."""
-    return config_outside_the_table("Cohere2Config", **_SHAPE)
+    return config_of("Cohere2Config", **_SHAPE)
 
 
 def mamba_config():
     """Mamba: a state-space model, no key/value cache and no attention; not a standard decoder."""
-    return config_outside_the_table("MambaConfig", hidden_size=64, state_size=8, num_hidden_layers=2)
+    return config_of("MambaConfig", hidden_size=64, state_size=8, num_hidden_layers=2)
 
 
 def build_tiny_model(name: str, output: str | Path, seed: int = 0, **overrides: Any) -> Path:
