@@ -78,6 +78,7 @@ class Shape:
     head_dim: int
     vocab_size: int
     max_positions: int
+    hidden_size: int
 
     @classmethod
     def of(cls, config: Any) -> "Shape":
@@ -88,7 +89,7 @@ class Shape:
             num_layers=_first(text, "num_hidden_layers", "n_layer"), num_heads=heads,
             num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
             head_dim=getattr(text, "head_dim", None) or hidden // heads, vocab_size=text.vocab_size,
-            max_positions=_first(text, "max_position_embeddings", "n_positions"),
+            max_positions=_first(text, "max_position_embeddings", "n_positions"), hidden_size=hidden,
         )
 
     def kv_heads_per_rank(self, tp: int) -> int:

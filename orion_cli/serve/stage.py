@@ -148,10 +148,10 @@ class StageModel(nn.Module):
         if last:
             self.base.register_forward_hook(self._keep_last_positions)
         self.cache = SlotCache(max_slots, max_len, load.dtype, load.device)
-        self._check_every_layer_attends(layer_range, getattr(text, "hidden_size", None) or text.n_embd, load.dtype)
+        self._check_every_layer_attends(layer_range, load.dtype)
 
     @torch.inference_mode()  # as the engine's steps run, so the cache rows it writes are the engine's
-    def _check_every_layer_attends(self, layer_range: range, hidden_size: int, dtype: torch.dtype) -> None:
+    def _check_every_layer_attends(self, layer_range: range, dtype: torch.dtype) -> None:
         """A short prompt through this stage at load, each call of the attention function recorded. A layer that
         makes none keeps a state of its own the slot cache does not hold (linear attention, a convolution: remote code
         the config's layer_types do not describe), and one that hands it a mask other than the plain causal one
@@ -160,7 +160,7 @@ class StageModel(nn.Module):
         which every request's prefill overwrites."""
         width = PROBE_TOKENS
         step = Step.make(True, 0, [width], [0], self.device)
-        hidden = None if self.first else torch.zeros(1, width, hidden_size, dtype=dtype, device=self.device)
+        hidden = None if self.first else torch.zeros(1, width, self.shape.hidden_size, dtype=dtype, device=self.device)
         calls: list[tuple[int, bool]] = []
         self.step(step, torch.arange(width, device=self.device).view(1, width), hidden, calls=calls)
         attending = {layer for layer, _ in calls}
