@@ -14,6 +14,9 @@ Systems (same checkpoint for all):
   llama.cpp Q4_0       the F32 GGUF through llama-quantize Q4_0
   orion q4 (ort)       orion quantize --level q4 --method rtn, served by onnxruntime
   orion q4 (torch)     the same directory on the torch engine (--engine torch): torch's int4 kernel
+  llama.cpp BF16       llama-server on convert_hf_to_gguf.py's BF16 GGUF
+  orion bf16 (torch)   orion serve --dtype bfloat16 on the safetensors checkpoint (torch engine; float32,
+                       with a note, on a CPU without native bfloat16 matrix instructions)
 
 `--prompt-words N` puts N words of text before the question, for decoding at
 long contexts (the context per request grows to fit).
@@ -60,8 +63,8 @@ def long_prompt(words: int) -> list[dict[str, str]]:
         text += " " + text
     return [{"role": "user", "content": " ".join(text.split()[:words]) + "\n\n" + QUESTION}]
 SYSTEMS = ("llama.cpp F32", "orion fp32 (ort)", "orion fp32 (torch)", "llama.cpp Q4_0", "orion q4 (ort)",
-           "orion q4 (torch)")
-PEERS = {"llama.cpp F32": "orion fp32", "llama.cpp Q4_0": "orion q4"}
+           "orion q4 (torch)", "llama.cpp BF16", "orion bf16 (torch)")
+PEERS = {"llama.cpp F32": "orion fp32", "llama.cpp Q4_0": "orion q4", "llama.cpp BF16": "orion bf16"}
 
 
 def build_88m(path: Path) -> Path:
@@ -73,8 +76,10 @@ def build_88m(path: Path) -> Path:
 def artifacts(model: Path, workdir: Path) -> dict[str, Path]:
     """The GGUFs and orion's q4 directory of `model`, made once and cached in `workdir`."""
     f32, q4_0, orion_q4 = workdir / "model-f32.gguf", workdir / "model-q4_0.gguf", workdir / "orion-q4"
-    if not f32.is_file():
-        subprocess.run(convert_command(model, f32, "f32"), check=True, stdout=subprocess.DEVNULL)
+    bf16 = workdir / "model-bf16.gguf"
+    for gguf, outtype in ((f32, "f32"), (bf16, "bf16")):
+        if not gguf.is_file():
+            subprocess.run(convert_command(model, gguf, outtype), check=True, stdout=subprocess.DEVNULL)
     if not q4_0.is_file():
         subprocess.run([str(tool("llama-quantize")), str(f32), str(q4_0), "Q4_0"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -86,7 +91,7 @@ def artifacts(model: Path, workdir: Path) -> dict[str, Path]:
     exported = float_model_for(inspect_model_dir(model), cache / "orion")
     print(f"orion fp32 ONNX export: {exported.path} ({time.perf_counter() - started:.1f} s, 0 if it was cached)",
           file=sys.stderr)
-    return {"f32": f32, "q4_0": q4_0, "orion_q4": orion_q4, "cache": cache}
+    return {"f32": f32, "bf16": bf16, "q4_0": q4_0, "orion_q4": orion_q4, "cache": cache}
 
 
 # -- servers ---------------------------------------------------------------------------------------------------
@@ -229,6 +234,10 @@ def start(system: str, model: Path, files: dict[str, Path], workdir: Path, conte
         return LlamaServer(files["f32"], 8, context)
     if system == "llama.cpp Q4_0":
         return LlamaServer(files["q4_0"], 8, context)
+    if system == "llama.cpp BF16":
+        return LlamaServer(files["bf16"], 8, context)
+    if system == "orion bf16 (torch)":
+        return OrionServer(model, "--dtype", "bfloat16", workdir=workdir)
     if system == "orion fp32 (ort)":
         return OrionServer(model, "--engine", "onnxruntime", workdir=workdir,
                            env={"XDG_CACHE_HOME": str(files["cache"])})

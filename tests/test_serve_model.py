@@ -46,19 +46,25 @@ def same_until_eos(got: list[list[int]], want: list[list[int]]) -> bool:
     return all(g[:len(w)] == w for g, w in zip(got, want))
 
 
-def stage_greedy(model_dir, prompts: list[list[int]]) -> list[list[int]]:
-    """Decode `prompts` together through a stage model holding every layer, in this process."""
+def whole_stage(model_dir, slots: int, dtype: torch.dtype = torch.float32):
+    """A stage model holding every layer, in this process."""
     from transformers import AutoConfig
 
     from orion_cli.checkpoint import CheckpointReader
-    from orion_cli.serve.attention import Step
     from orion_cli.serve.stage import StageModel
     from orion_cli.serve.tp import TPGroup, WeightLoader
 
     config = AutoConfig.from_pretrained(model_dir)
     with CheckpointReader(model_dir) as reader:
-        stage = StageModel(config, range(Shape.of(config).num_layers), True, True, TPGroup(),
-                           WeightLoader(reader, torch.float32, torch.device("cpu")), len(prompts), 128)
+        return StageModel(config, range(Shape.of(config).num_layers), True, True, TPGroup(),
+                          WeightLoader(reader, dtype, torch.device("cpu")), slots, 128)
+
+
+def stage_greedy(model_dir, prompts: list[list[int]]) -> list[list[int]]:
+    """Decode `prompts` together through a stage model holding every layer, in this process."""
+    from orion_cli.serve.attention import Step
+
+    stage = whole_stage(model_dir, len(prompts))
     lengths = [len(p) for p in prompts]
     width = max(lengths)
     with torch.inference_mode():
@@ -365,6 +371,32 @@ def test_half_precision_on_cpu_needs_native_instructions(dtype, flags, served):
     assert (why is not None) == (served != dtype)
     if why:
         assert why.startswith(f"--dtype {dtype}:") and "AVX512" in why
+
+
+def test_bfloat16_linears_run_on_the_packed_kernel_where_this_cpu_has_it(tiny_llama):
+    """--dtype bfloat16 used to multiply by the checkpoint's layout (F.linear), about twice the time of oneDNN's
+    packed kernel at one row; where oneDNN runs bfloat16 here every linear is now packed, and the logits are
+    transformers' bfloat16 logits."""
+    from transformers import AutoModelForCausalLM
+
+    from orion_cli.serve.attention import Step
+    from orion_cli.serve.kernels import DenseMatmul
+    from orion_cli.serve.tp import ParallelLinear
+
+    stage = whole_stage(tiny_llama, 1, torch.bfloat16)
+    linears = [m for m in stage.modules() if isinstance(m, ParallelLinear)]
+    packed = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert linears and all(isinstance(m.matmul, DenseMatmul) == packed for m in linears)
+    assert all(m.matmul.packed.dtype == torch.bfloat16 for m in linears if packed)
+
+    ids = prompt_ids(tiny_llama)[2]
+    with torch.inference_mode():
+        got = stage.step(Step.make(True, 0, [len(ids)], [0], stage.device), tokens=torch.tensor([ids]))
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+        want = model(torch.tensor([ids])).logits[:, -1].float()
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=0.05 * want.abs().max().item())
+    assert got.argmax() == want.argmax()
 
 
 def test_cpu_ranks_serve_in_the_dtype_this_cpu_runs(tiny_llama):

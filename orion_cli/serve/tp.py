@@ -10,7 +10,7 @@ Conv1D weights (GPT-2, stored [in, out]) are sliced along the matching axis.
 A block-quantized weight (an `orion quantize` output, read through
 onnx_weights.OnnxWeights) is sliced the same way, by output rows or whole
 input blocks. Each share is multiplied by its kernel (kernels.py): oneDNN's
-packed float32 layout, or torch's int4 kernel for quantized blocks.
+packed layout, or torch's int4 kernel for quantized blocks.
 """
 
 from __future__ import annotations
