@@ -52,7 +52,7 @@ def _rank(rank: int, port: int, tp: int, pp: int, models: dict[str, str], prompt
     from orion_cli.config import shipped_config
     from orion_cli.modeldir import inspect_model_dir
     from orion_cli.serve.options import ServeJob, check_torch_options
-    from orion_cli.serve.worker import DistributedRunner, RankRuntime, build_topology, follow, leave_process_group
+    from orion_cli.serve.worker import RankRuntime, build_topology, follow, leave_process_group, start_driver
 
     faulthandler.enable(all_threads=True)  # a native abort prints every thread's Python stack
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -65,11 +65,12 @@ def _rank(rank: int, port: int, tp: int, pp: int, models: dict[str, str], prompt
     for name, path in models.items():
         job = ServeJob(path, "models.json", settings, shipped.codec)
         spec = check_torch_options(job, inspect_model_dir(path), name, None)
-        runtime = RankRuntime(spec, build_topology(spec, 0, rank), torch.device("cpu"))
-        if runtime.topology.is_driver:
-            results[name] = _drive(DistributedRunner(runtime), runtime, path, prompts, new_tokens)
+        topology = build_topology(spec, 0, rank)
+        if topology.is_driver:
+            runner = start_driver(spec, topology, torch.device("cpu"))
+            results[name] = _drive(runner, runner.runtime, path, prompts, new_tokens)
         else:
-            follow(runtime)
+            follow(RankRuntime(spec, topology, torch.device("cpu")))
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     leave_process_group(0)  # as `orion serve`'s ranks end

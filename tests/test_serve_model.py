@@ -399,6 +399,50 @@ def test_bfloat16_linears_run_on_the_packed_kernel_where_this_cpu_has_it(tiny_ll
     assert got.argmax() == want.argmax()
 
 
+def test_rank_zero_loads_its_stage_and_runs_every_plan_on_one_thread(tiny_llama, monkeypatch):
+    """libgomp keeps an OpenMP pool per thread that starts a parallel region. Rank 0 used to load its stage on the
+    main thread and run plans on the scheduler's: two pools, more OpenMP threads than cores, and libgomp then
+    sleeps and wakes its workers around every matmul (29237 context switches against 2754 over 144 served tokens
+    of the 88M Llama). Both now run on one compute thread (worker.start_driver)."""
+    import threading
+
+    import torch.distributed as dist
+
+    from engine_testing import _drive, free_port
+    from orion_cli.config import shipped_config
+    from orion_cli.modeldir import inspect_model_dir
+    from orion_cli.serve.options import ServeJob, check_torch_options
+    from orion_cli.serve.stage import StageModel
+    from orion_cli.serve.worker import build_topology, start_driver
+
+    threads: dict[str, set[int]] = {"load": set(), "step": set()}
+    load, step = StageModel.__init__, StageModel.step
+
+    def recorded_load(self, *args, **kwargs):
+        threads["load"].add(threading.get_ident())
+        load(self, *args, **kwargs)
+
+    def recorded_step(self, *args, **kwargs):
+        threads["step"].add(threading.get_ident())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(StageModel, "__init__", recorded_load)
+    monkeypatch.setattr(StageModel, "step", recorded_step)
+    shipped = shipped_config()
+    settings = shipped.serve.model_copy(update={"backend": "gloo", "max_batch_size": 2})
+    spec = check_torch_options(ServeJob(tiny_llama, "models.json", settings, shipped.codec),
+                               inspect_model_dir(tiny_llama), "llama", None)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        runner = start_driver(spec, build_topology(spec, 0, 0), torch.device("cpu"))
+        got = _drive(runner, runner.runtime, str(tiny_llama), prompt_ids(tiny_llama)[:2], [4, 4])
+    finally:
+        dist.destroy_process_group()
+    assert all(len(tokens) == 4 for tokens in got["batched"])
+    assert len(threads["load"]) == 1 and threads["step"] == threads["load"]
+    assert threading.get_ident() not in threads["load"]
+
+
 def test_cpu_ranks_serve_in_the_dtype_this_cpu_runs(tiny_llama):
     from orion_cli.config import shipped_config
     from orion_cli.modeldir import inspect_model_dir

@@ -115,12 +115,12 @@ def serve_http(runner: StepRunner, served: ServedModel, sock: socket.socket, *, 
     return result
 
 
-def run_driver(spec, runtime) -> NoReturn:
-    """Rank 0 of the torch.distributed engine."""
+def run_driver(spec, runner) -> NoReturn:
+    """Rank 0 of the torch.distributed engine, running its plans through `runner` (worker.start_driver)."""
     from transformers import AutoTokenizer
 
     from .control import ControlClient, bind_listening_socket
-    from .worker import DistributedRunner, leave_process_group
+    from .worker import leave_process_group
 
     settings = spec.serve
     control = ControlClient.connect()
@@ -130,7 +130,7 @@ def run_driver(spec, runtime) -> NoReturn:
     tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
     served = ServedModel(
         id=spec.model_id, root=spec.model_dir, max_model_len=spec.max_model_len, tokenizer=tokenizer,
-        vocab_size=runtime.shape.vocab_size,
+        vocab_size=runner.runtime.shape.vocab_size,
         metadata={"orion": {"engine": "torch", "architecture": spec.architecture, "tp": settings.tp,
                             "pp": settings.pp, "layers_per_stage": spec.layer_counts, "backend": spec.backend,
                             "dtype": settings.dtype, "activation_codec": settings.activation_codec,
@@ -139,11 +139,11 @@ def run_driver(spec, runtime) -> NoReturn:
     )
     announce = control.send if control is not None else (lambda message: log.info("%s", message))
     code = serve_http(
-        DistributedRunner(runtime), served, sock, eos=eos_token_ids(spec.model_dir, tokenizer),
+        runner, served, sock, eos=eos_token_ids(spec.model_dir, tokenizer),
         max_batch_size=settings.max_batch_size, api_key=settings.api_key, drain_timeout=settings.drain_timeout,
         max_request_bytes=settings.max_request_bytes, verbose=spec.verbose, announce=announce,
         describe={"engine": "torch", "tp": settings.tp, "pp": settings.pp, "backend": spec.backend},
-        recompute_at=runtime.recompute_at,
+        recompute_at=runner.runtime.recompute_at,
     )["code"]
     if code:
         os._exit(code)  # peers may be gone: do not wait on the process group's teardown

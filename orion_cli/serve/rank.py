@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from .driver import run_driver
 from .options import NODE_RANK_ENV, WorkerSpec
-from .worker import PROCESS_GROUP_TIMEOUT, RankRuntime, Topology, build_topology, follow, leave_process_group
+from .worker import (PROCESS_GROUP_TIMEOUT, RankRuntime, Topology, build_topology, follow, leave_process_group,
+                     start_driver)
 
 log = logging.getLogger("orion_cli.serve")
 
@@ -78,14 +79,16 @@ def main() -> int:
         dist.init_process_group(spec.backend, timeout=PROCESS_GROUP_TIMEOUT,
                                 device_id=device if spec.backend == "nccl" else None)
         topology = build_topology(spec, node_rank, local_rank)
-        if not topology.is_driver:
+        if topology.is_driver:
+            runner = start_driver(spec, topology, device)
+        else:
             _follower_signals(spec.serve.drain_timeout + 10)
-        runtime = RankRuntime(spec, topology, device)
+            runtime = RankRuntime(spec, topology, device)
     except Exception as exc:  # noqa: BLE001 - a one-line reason, then a failed exit torchrun reports
         _report_failure("startup", exc, spec.verbose)
         return 1
     if topology.is_driver:
-        return run_driver(spec, runtime)
+        return run_driver(spec, runner)
     try:
         if topology.node_rank != 0 and local_rank == 0:
             _announce_join(spec, topology)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,7 @@ log = logging.getLogger("orion_cli.serve")
 
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -208,17 +210,43 @@ class RankRuntime:
         return everyone
 
 
-class DistributedRunner:
-    """The scheduler's StepRunner on rank 0: broadcast each plan, then take part in it."""
+class ComputeThread:
+    """The one thread that runs rank 0's torch work: loading its stage, then every plan.
 
-    def __init__(self, runtime: RankRuntime):
+    Why: libgomp gives each thread that starts an OpenMP region a pool of its
+    own. With the stage loaded on the main thread and the plans run on the
+    scheduler's, the process holds two pools, more OpenMP threads than cores,
+    and libgomp then stops spinning between parallel regions: each matmul's
+    worker thread sleeps and is woken. On the 88M Llama (fp32, 1 row, 2 cores)
+    that was 28533 context switches against 291 over 150 decode steps, and
+    31 ms a step against 26. The other ranks run everything on their main thread.
+    """
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="orion-compute")
+
+    def call(self, function: Callable[..., Result], *args: Any) -> Result:
+        return self._executor.submit(function, *args).result()
+
+
+def start_driver(spec: WorkerSpec, topology: Topology, device: torch.device) -> "DistributedRunner":
+    """Rank 0's stage, loaded on the compute thread that will run its plans."""
+    compute = ComputeThread()
+    return DistributedRunner(compute.call(RankRuntime, spec, topology, device), compute)
+
+
+class DistributedRunner:
+    """The scheduler's StepRunner on rank 0: broadcast each plan, then take part in it on the compute thread."""
+
+    def __init__(self, runtime: RankRuntime, compute: ComputeThread):
         self.runtime = runtime
         self.topology = runtime.topology
+        self.compute = compute
 
     def run(self, plan: StepPlan) -> Any:
         if self.topology.world_size > 1:
             dist.broadcast_object_list([plan], src=self.topology.driver, group=self.topology.cpu_group)
-        return self.runtime.execute(plan)
+        return self.compute.call(self.runtime.execute, plan)
 
     def shutdown(self) -> None:
         if self.topology.world_size > 1:
