@@ -54,6 +54,11 @@ SHAPES = {
         num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
         norm_topk_prob=False, vocab_size=151936, max_position_embeddings=8192, rope_theta=1000000.0,
         rms_norm_eps=1e-6, use_sliding_window=False, tie_word_embeddings=False)),
+    "granite-3.1-1b-a400m": ("GraniteMoeConfig", dict(
+        hidden_size=1024, intermediate_size=512, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
+        num_local_experts=32, num_experts_per_tok=8, vocab_size=49155, max_position_embeddings=131072,
+        rope_theta=10000000.0, rms_norm_eps=1e-6, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=0.015625, logits_scaling=6.0, tie_word_embeddings=True)),
 }
 
 

@@ -21,7 +21,7 @@ from orion_cli.onnx_export.float_model import export_float_model
 from orion_cli.serve.onnx_cache import EXPORT_SUBDIR, RECORD_FILE, CacheSpaceError, check_free_space, float_model_for
 from server_process import serving
 from serve_testing import kl_divergence
-from tiny_models import ARCHITECTURES, build_model, granitemoe_config
+from tiny_models import ARCHITECTURES, build_model, jetmoe_config
 
 PROMPT = [5, 17, 42, 99, 7, 130, 64, 3, 250, 11]
 
@@ -106,7 +106,7 @@ def test_a_checkpoint_is_served_by_onnxruntime_from_its_cached_export(tiny_llama
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("arch", ["stablelm", "phimoe"])
+@pytest.mark.parametrize("arch", ["stablelm", "phimoe", "granitemoe"])
 def test_an_architecture_the_torch_engine_cannot_run_is_served_by_onnxruntime(tiny_models, tmp_path, arch):
     """transformers' StableLM and PhiMoE take no attention function, so the torch engine cannot run them:
     `--engine auto` serves their export instead (a warning says so) and it answers what generate() does.
@@ -135,7 +135,7 @@ def test_what_onnxruntime_cannot_do_is_refused_before_any_export(orion, tiny_lla
 
 def test_an_architecture_no_export_takes_fails_in_one_line_and_leaves_no_export(orion, tmp_path, monkeypatch):
     monkeypatch.setenv("ORION_CACHE_DIR", str(tmp_path / "cache"))
-    model = build_model(granitemoe_config(), tmp_path / "granitemoe")
+    model = build_model(jetmoe_config(), tmp_path / "jetmoe")
     result = orion("serve", model, "--engine", "onnxruntime")
     assert result.exit_code == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("orion: error:")]

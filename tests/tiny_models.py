@@ -68,6 +68,9 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                          shared_expert_intermediate_size=96, tie_word_embeddings=False)),
     "phimoe": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    # each expert stack one 3-D parameter; Granite's multipliers; tied as Granite 3 MoE ships
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=12.0,
+                                            residual_multiplier=0.22, logits_scaling=4.0, tie_word_embeddings=True)),
     # RoPE scaling variants, with original lengths the test prompts exceed
     "llama-rope-llama3": ("LlamaConfig", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                             "high_freq_factor": 4.0,
@@ -120,10 +123,11 @@ def config_of(class_name: str, **fields: Any):
                                                 "eos_token_id": eos, "pad_token_id": pad, **fields})
 
 
-def granitemoe_config():
-    """GraniteMoE: a standard decoder whose experts' block no export makes traceable (it splits its rows by
-    the routing's counts in Python)."""
-    return config_of("GraniteMoeConfig", num_local_experts=4, num_experts_per_tok=2, **_SHAPE)
+def jetmoe_config():
+    """JetMoE: a standard decoder whose experts' block no export makes traceable (it splits its rows by the
+    routing's counts in Python, and its attention is a mixture of experts too)."""
+    return config_of("JetMoeConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2,
+                     kv_channels=16, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512)
 
 
 def lfm2_config():

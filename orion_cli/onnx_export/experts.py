@@ -12,13 +12,24 @@ gated shared expert after it. PhiMoE routes with its own sparsemixer and then
 skips an expert no token chose (`if top_x.shape[0] == 0: continue`, the same
 trap), so its routing is kept and the loop replaced. OLMoE's block already runs
 every expert and is listed with no patch. A block is listed only once its
-export has been compared with transformers' logits (the test table).
+export has been compared with transformers' logits (the test table;
+GraniteMoeShared, whose block is GraniteMoE's, by tools/architecture_sweep.py).
+
+GraniteMoE keeps each expert stack in one 3-D parameter [experts, out, in]
+and splits the rows routed to each by a Python list of counts. Its stacks are
+split into one nn.Linear per expert (split_stacked_experts), in the model the
+export traces and in the one quantize calibrates: each expert is then a 2-D
+weight the quantizer takes like any linear layer, with its own calibration
+inputs, read from the checkpoint as row e of the stack
+(onnx_export/tensors.py, `<stack>.experts.<e>.weight`).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Callable
+
+from torch import nn
 
 _MODULE = "transformers.models.{0}.modeling_{0}"
 
@@ -53,17 +64,72 @@ def _sparsemixer_routed(self, hidden_states):
     return _every_expert(self, flat, weights, selected).reshape(batch_size, sequence_length, hidden_dim), router_logits
 
 
-def _every_expert(self, flat, weights, selected):
+def _every_expert(self, flat, weights, selected, experts=None):
     """Each expert's output on the rows routed to it, weighted and summed; an expert no row chose computes on
     zero rows instead of being skipped, so the traced graph holds every expert."""
     import torch
 
+    experts = self.experts if experts is None else experts
     out = torch.zeros_like(flat)
-    expert_mask = torch.nn.functional.one_hot(selected, num_classes=self.num_experts).permute(2, 1, 0)
-    for expert_index, expert in enumerate(self.experts):
+    expert_mask = torch.nn.functional.one_hot(selected, num_classes=len(experts)).permute(2, 1, 0)
+    for expert_index, expert in enumerate(experts):
         choice, rows = torch.where(expert_mask[expert_index])
         out.index_add_(0, rows, expert(flat[rows]) * weights[rows, choice, None])
     return out
+
+
+def _stacked_top_k(self, layer_input):
+    """GraniteMoE's block (GraniteMoeMoE.forward): top-k of the router's logits, softmax over those k, each
+    expert a gated MLP of its split input and output stacks, every expert run."""
+    import torch
+
+    batch_size, sequence_length, hidden_dim = layer_input.shape
+    flat = layer_input.reshape(-1, hidden_dim)
+    router_logits = self.router.layer(flat).float()
+    top_logits, selected = router_logits.topk(self.router.top_k, dim=1)
+    weights = torch.softmax(top_logits, dim=1).type_as(flat)
+
+    def expert(index):
+        def forward(rows):
+            gate, up = self.input_linear.experts[index](rows).chunk(2, dim=-1)
+            return self.output_linear.experts[index](self.activation(gate) * up)
+        return forward
+
+    experts = [expert(index) for index in range(len(self.input_linear.experts))]
+    out = _every_expert(self, flat, weights, selected, experts)
+    return out.view(batch_size, sequence_length, hidden_dim), router_logits
+
+
+class ExpertLinears(nn.Module):
+    """An expert stack [experts, out, in] as one bias-free nn.Linear per expert (`experts.<e>`), with the stack's
+    forward: rows grouped by expert, `expert_size` rows each."""
+
+    def __init__(self, stack: nn.Module):
+        super().__init__()
+        experts, out_features, in_features = stack.weight.shape
+        self.experts = nn.ModuleList()
+        for index in range(experts):
+            linear = nn.Linear(in_features, out_features, bias=False, device="meta")
+            linear.weight = nn.Parameter(stack.weight[index], requires_grad=False)
+            self.experts.append(linear)
+
+    def forward(self, inputs, expert_size):
+        import torch
+
+        parts = inputs.split(expert_size, dim=0)
+        return torch.cat([expert(part) for expert, part in zip(self.experts, parts)], dim=0)
+
+
+# classes holding experts as one 3-D parameter, split by split_stacked_experts
+STACKED_EXPERTS = ("GraniteMoeParallelExperts", "GraniteMoeSharedParallelExperts")
+
+
+def split_stacked_experts(model: nn.Module) -> None:
+    """Replace every expert stack of `model` (built on the meta device) by ExpertLinears."""
+    stacks = [(name, module) for name, module in model.named_modules() if type(module).__name__ in STACKED_EXPERTS]
+    for name, stack in stacks:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, ExpertLinears(stack))
 
 
 # model_type -> (block class, forward swapped in for the export; None where the block's own forward already
@@ -73,6 +139,8 @@ TRACEABLE_BLOCKS: dict[str, tuple[str, Callable | None]] = {
     "qwen2_moe": ("Qwen2MoeSparseMoeBlock", _with_shared_expert),
     "olmoe": ("OlmoeSparseMoeBlock", None),
     "phimoe": ("PhimoeSparseMoeBlock", _sparsemixer_routed),
+    "granitemoe": ("GraniteMoeMoE", _stacked_top_k),
+    "granitemoeshared": ("GraniteMoeSharedMoE", _stacked_top_k),
 }
 
 

@@ -75,9 +75,12 @@ def _export(model_dir: Path, output_file: Path, trust_remote_code: bool, flag: s
     import optimum.exporters.onnx.model_configs  # noqa: F401 - registers the export configs
     from optimum.exporters.tasks import TasksManager
 
+    from .experts import split_stacked_experts
+
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary frequencies) real
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    split_stacked_experts(model)
     stand_in_parameters(model)
     model.eval()
     try:

@@ -12,11 +12,16 @@ with the checkpoint however little of it is in use, while read pages stay in
 the kernel's page cache, which is not the process's. A 128k-row embedding
 is read a row block at a time and never whole in fp32. PyTorch .bin
 checkpoints go through CheckpointReader (torch's memory map).
+
+An expert of a stack [experts, out, in] (GraniteMoE's, split into one linear
+layer per expert by experts.split_stacked_experts) is named
+`<stack>.experts.<e>.weight` and read as row e of `<stack>.weight`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import torch
@@ -30,6 +35,9 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 
 
+STACKED_EXPERT = re.compile(r"(.+)\.experts\.(\d+)\.weight")
+
+
 class ModelTensors:
     def __init__(self, reader: CheckpointReader, base_prefix: str = "", flag: str = "--model"):
         self.reader = reader
@@ -37,7 +45,23 @@ class ModelTensors:
         self.flag = flag
 
     def key(self, name: str) -> str:
-        """The checkpoint's name for parameter `name`."""
+        """The checkpoint's name for parameter `name` (for an expert of a stack: the stack's)."""
+        return self._locate(name)[0]
+
+    def _locate(self, name: str) -> tuple[str, int | None]:
+        """(the checkpoint's name for `name`, the expert's index where `name` is one expert of a stack)."""
+        key = self._checkpoint_name(name)
+        if key is not None:
+            return key, None
+        stacked = STACKED_EXPERT.fullmatch(name)
+        if stacked:
+            key = self._checkpoint_name(stacked.group(1) + ".weight")
+            if key is not None and len(self._stored_shape(key)) == 3:
+                return key, int(stacked.group(2))
+        raise ModelDirError(f"{self.flag} {self.reader.model_dir}: the checkpoint has no tensor {name}, "
+                            "which the model's config calls for")
+
+    def _checkpoint_name(self, name: str) -> str | None:
         if name in self.reader:
             return name
         prefix = f"{self.base_prefix}." if self.base_prefix else ""
@@ -45,8 +69,7 @@ class ModelTensors:
             return name[len(prefix):]
         if prefix and prefix + name in self.reader:
             return prefix + name
-        raise ModelDirError(f"{self.flag} {self.reader.model_dir}: the checkpoint has no tensor {name}, "
-                            "which the model's config calls for")
+        return None
 
     def __contains__(self, name: str) -> bool:
         try:
@@ -55,9 +78,14 @@ class ModelTensors:
             return False
         return True
 
+    def _stored_shape(self, key: str) -> tuple[int, ...]:
+        info = self.reader.info(key)
+        return info.shape if info is not None else tuple(self.reader.get_slice(key).get_shape())
+
     def shape(self, name: str) -> tuple[int, ...]:
-        info = self.reader.info(self.key(name))
-        return info.shape if info is not None else tuple(self.reader.get_slice(self.key(name)).get_shape())
+        key, expert = self._locate(name)
+        shape = self._stored_shape(key)
+        return shape if expert is None else shape[1:]
 
     def full(self, name: str) -> torch.Tensor:
         shape = self.shape(name)
@@ -67,24 +95,27 @@ class ModelTensors:
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a tensor (along its first axis), in float32."""
-        key = self.key(name)
+        key, expert = self._locate(name)
         info = self.reader.info(key)
         if info is None or info.dtype not in DTYPES:
-            return self.reader.get_slice(key)[start:stop].to(torch.float32)
+            stored = self.reader.get_slice(key)
+            return (stored[start:stop] if expert is None else stored[expert, start:stop]).to(torch.float32)
+        shape = info.shape if expert is None else info.shape[1:]
+        first = start if expert is None else expert * shape[0] + start  # row of the stack seen as [experts*out, in]
         dtype = DTYPES[info.dtype]
-        row_items = int(np.prod(info.shape[1:], dtype=np.int64))
+        row_items = int(np.prod(shape[1:], dtype=np.int64))
         row_bytes = row_items * torch.empty((), dtype=dtype).element_size()
         length = (stop - start) * row_bytes
         buffer = bytearray(length)
         with open(info.file, "rb", buffering=0) as handle:
             view, done = memoryview(buffer), 0
             while done < length:  # pread may return less than asked on large reads
-                got = os.preadv(handle.fileno(), [view[done:]], info.start + start * row_bytes + done)
+                got = os.preadv(handle.fileno(), [view[done:]], info.start + first * row_bytes + done)
                 if got <= 0:
                     raise ModelDirError(f"{info.file}: ends inside tensor {key}")
                 done += got
         values = torch.frombuffer(buffer, dtype=dtype) if length else torch.empty(0, dtype=dtype)
-        return values.reshape(stop - start, *info.shape[1:]).to(torch.float32)
+        return values.reshape(stop - start, *shape[1:]).to(torch.float32)
 
     def columns(self, name: str, start: int, stop: int) -> torch.Tensor:
         return self.full(name)[:, start:stop]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..base_model import find_base_model
+from ..onnx_export.experts import split_stacked_experts
 from ..onnx_export.tensors import ModelTensors, row_blocks
 from .sensitivity import LayerCall
 
@@ -40,6 +41,7 @@ class LayerwiseModel:
         with init_empty_weights(include_buffers=False):  # the same model onnx_export/graph.py traces
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                      dtype=torch.float32)
+        split_stacked_experts(model)  # as the export does, so each expert is a linear layer with its own inputs
         self.model = model.eval()
         self.config = config
         self.text_config = config.get_text_config()
