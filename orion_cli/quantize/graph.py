@@ -119,47 +119,73 @@ def tied_sites(sites: list[WeightSite]) -> dict[str, WeightSite]:
             if site.role == "lm_head" and site.param in embeddings}
 
 
-def quantized_node(model: onnx.ModelProto, site: WeightSite, quantized: BlockQuantized, data: ExternalData,
-                   accuracy_level: int) -> str:
-    """Swap the site's node for its quantized operator, its tensors written to `data`; returns their prefix."""
-    graph = model.graph
-    index, node = next((i, n) for i, n in enumerate(graph.node) if n.name == site.node)
-    # Named after the module (model.layers.3.mlp.down_proj.weight.q4), as a checkpoint names it,
-    # so tools that order tensors by layer (orion shard) read them like safetensors names.
-    prefix = f"{site.name}.weight.q{quantized.bits}"
-    if any(init.name == prefix for init in graph.initializer):
-        prefix = f"{prefix}.{site.role}"
-    if site.op == "Gather":
-        packed = quantized.packed.reshape(quantized.n, -1)
-        new_node = helper.make_node(
-            "GatherBlockQuantized", [prefix, node.input[1], f"{prefix}.scales", f"{prefix}.zero_points"],
-            list(node.output), name=f"{node.name}_q{quantized.bits}", domain=MS_DOMAIN,
-            bits=quantized.bits, block_size=quantized.block_size, gather_axis=0, quantize_axis=1,
-        )
-    else:
-        inputs = [node.input[0], prefix, f"{prefix}.scales", f"{prefix}.zero_points"]
-        if site.op == "Gemm" and len(node.input) > 2 and node.input[2]:
-            inputs += ["", node.input[2]]  # g_idx unused, then bias
-        attrs = dict(K=quantized.k, N=quantized.n, bits=quantized.bits, block_size=quantized.block_size)
-        if accuracy_level:
-            attrs["accuracy_level"] = accuracy_level
-        new_node = helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_q{quantized.bits}",
-                                    domain=MS_DOMAIN, **attrs)
-        packed = quantized.packed
-    graph.initializer.extend([data.tensor(prefix, packed), data.tensor(f"{prefix}.scales", quantized.scales),
-                              data.tensor(f"{prefix}.zero_points", quantized.zero_points)])
-    graph.node.remove(node)
-    graph.node.insert(index, new_node)
-    if site.transpose_node:
-        _remove_if_unused(graph, site.transpose_node)
-    if not any(op.domain == MS_DOMAIN for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return prefix
+class QuantizedGraph:
+    """Swaps weight sites' nodes for quantized operators, writing their tensors to `data`.
+
+    Each node is replaced where it stands, found through an index of node names made once; the Transposes
+    the swaps leave unused are removed in one pass by finish(). (Searched for, removed and reinserted node by
+    node, with every node's inputs scanned per swap, the rewrite grew with sites x nodes: a GraniteMoE of 24
+    layers of 32 experts has 1633 sites.)
+    """
+
+    def __init__(self, model: onnx.ModelProto, data: ExternalData, accuracy_level: int):
+        self.model, self.data, self.accuracy_level = model, data, accuracy_level
+        self.position = {node.name: index for index, node in enumerate(model.graph.node)}
+        self.initializers = {init.name for init in model.graph.initializer}
+        self.transposes: set[str] = set()
+
+    def quantize(self, site: WeightSite, quantized: BlockQuantized) -> str:
+        """Swap the site's node for its quantized operator; returns the prefix of its tensors."""
+        graph = self.model.graph
+        index = self.position[site.node]
+        node = graph.node[index]
+        # Named after the module (model.layers.3.mlp.down_proj.weight.q4), as a checkpoint names it,
+        # so tools that order tensors by layer (orion shard) read them like safetensors names.
+        prefix = f"{site.name}.weight.q{quantized.bits}"
+        if prefix in self.initializers:
+            prefix = f"{prefix}.{site.role}"
+        if site.op == "Gather":
+            packed = quantized.packed.reshape(quantized.n, -1)
+            new_node = helper.make_node(
+                "GatherBlockQuantized", [prefix, node.input[1], f"{prefix}.scales", f"{prefix}.zero_points"],
+                list(node.output), name=f"{node.name}_q{quantized.bits}", domain=MS_DOMAIN,
+                bits=quantized.bits, block_size=quantized.block_size, gather_axis=0, quantize_axis=1,
+            )
+        else:
+            inputs = [node.input[0], prefix, f"{prefix}.scales", f"{prefix}.zero_points"]
+            if site.op == "Gemm" and len(node.input) > 2 and node.input[2]:
+                inputs += ["", node.input[2]]  # g_idx unused, then bias
+            attrs = dict(K=quantized.k, N=quantized.n, bits=quantized.bits, block_size=quantized.block_size)
+            if self.accuracy_level:
+                attrs["accuracy_level"] = self.accuracy_level
+            new_node = helper.make_node("MatMulNBits", inputs, list(node.output),
+                                        name=f"{node.name}_q{quantized.bits}", domain=MS_DOMAIN, **attrs)
+            packed = quantized.packed
+        graph.initializer.extend([self.data.tensor(prefix, packed),
+                                  self.data.tensor(f"{prefix}.scales", quantized.scales),
+                                  self.data.tensor(f"{prefix}.zero_points", quantized.zero_points)])
+        self.initializers.update((prefix, f"{prefix}.scales", f"{prefix}.zero_points"))
+        del self.position[site.node]
+        self.position[new_node.name] = index
+        graph.node[index].CopyFrom(new_node)
+        if site.transpose_node:
+            self.transposes.add(site.transpose_node)
+        return prefix
+
+    def finish(self) -> None:
+        """Remove the Transposes no node reads any more; declare the com.microsoft opset."""
+        graph = self.model.graph
+        used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+        unused = [n for n in graph.node if n.name in self.transposes and not any(out in used for out in n.output)]
+        for node in unused:
+            graph.node.remove(node)
+        if not any(op.domain == MS_DOMAIN for op in self.model.opset_import):
+            self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def tied_embedding_node(model: onnx.ModelProto, site: WeightSite, head_prefix: str, quantized: BlockQuantized) -> None:
     """Swap the embedding's Gather for a GatherBlockQuantized reading the tied head's blocks (`head_prefix`, as
-    quantized_node wrote them): the files hold the table once, as a GGUF holds a tied model's token_embd once.
+    QuantizedGraph.quantize wrote them): the files hold the table once, as a GGUF holds a tied model's token_embd once.
 
     The two operators want the same bytes in different shapes: MatMulNBits' B is [N, blocks, bytes per block]
     (anything else fails its PrePack), GatherBlockQuantized's data [N, bytes per row] (its scales are rank 2,
@@ -179,10 +205,3 @@ def tied_embedding_node(model: onnx.ModelProto, site: WeightSite, head_prefix: s
     graph.node.remove(node)
     graph.node.insert(index, gather)
     graph.node.insert(index, reshape)
-
-
-def _remove_if_unused(graph: onnx.GraphProto, node_name: str) -> None:
-    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
-    for node in list(graph.node):
-        if node.name == node_name and not any(out in used for out in node.output):
-            graph.node.remove(node)

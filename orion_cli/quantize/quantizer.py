@@ -38,7 +38,7 @@ from ..progress import NULL_PROGRESS, ProgressReporter, Stopwatch
 from .budget import CalibrationPlan, calibration_cost, plan_calibration
 from .calibration import collect_hessians
 from .evaluate import evaluate_quantized
-from .graph import WeightSite, find_weight_sites, quantized_node, tied_embedding_node, tied_sites
+from .graph import QuantizedGraph, WeightSite, find_weight_sites, tied_embedding_node, tied_sites
 from .layerwise import LayerwiseModel
 from .allocate import allocate_sites, site_formats
 from .levels import ACCURACY_LEVEL, Format, Level, get_level, resolve_methods
@@ -237,12 +237,14 @@ class _QuantizeJob:
         with self.watch.time("allocate"):
             allocation = self._allocate(errors, measured, store)
             prefixes = {}
+            rewrite = QuantizedGraph(self.onnx_model, data, ACCURACY_LEVEL)
             for site in self.sites:
                 if site.node in tied_embeddings:  # written with its head, below
                     continue
                 chosen = store.get(site.node, allocation["format_of"][site.node])
-                prefixes[site.node] = quantized_node(self.onnx_model, site, chosen, data, ACCURACY_LEVEL)
+                prefixes[site.node] = rewrite.quantize(site, chosen)
                 records[site.node] = tensor_record(site, chosen, allocation["predicted_kl"][site.node])
+            rewrite.finish()
             for head, embedding in self.tied.items():
                 chosen = store.get(head, allocation["format_of"][head])
                 tied_embedding_node(self.onnx_model, embedding, prefixes[head], chosen)
