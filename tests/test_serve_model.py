@@ -22,7 +22,8 @@ from orion_cli.serve.protocol import SamplingSpec
 from orion_cli.serve.sampling import Sampler
 from orion_cli.serve.stage_link import pack_rows, unpack_rows
 from orion_cli.serve.text import TextStream
-from tiny_models import ARCHITECTURES, build_model, doge_config, lfm2_config, torch_engine_runs
+from tiny_models import (ARCHITECTURES, build_model, doge_config, lfm2_config, modernbert_decoder_config,
+                         torch_engine_runs)
 
 from engine_testing import run_layout
 from serve_testing import hf_greedy, hf_tokenizer, tokenize
@@ -98,6 +99,19 @@ def test_a_layer_whose_state_or_mask_the_cache_would_drop_is_refused_at_load(tmp
     model = build_model(config(), tmp_path / "model")
     with pytest.raises(ModelDirError, match=message):
         stage_greedy(model, [[5, 17, 42]])
+
+
+@pytest.mark.multiprocess
+def test_modules_beside_the_base_model_and_the_head_are_loaded_on_the_last_stage(tmp_path):
+    """ModernBERT-decoder runs a dense layer and a norm (`lm_head`) between its base model and its vocabulary
+    projection (`decoder`). The stage read weights only for those two, so it failed to load ("no weight was
+    loaded for lm_head.dense.weight"); now the last stage reads them and the others drop the module."""
+    path = str(build_model(modernbert_decoder_config(), tmp_path / "modernbert-decoder"))
+    prompts = prompt_ids(path)
+    want = [hf_greedy(path, ids, NEW_TOKENS) for ids in prompts]
+    assert same_until_eos(stage_greedy(path, prompts), want)
+    split = run_layout(1, 2, {"modernbert-decoder": path}, prompts, NEW_TOKENS, tmp_path)
+    assert same_until_eos(split["modernbert-decoder"]["batched"], want)
 
 
 def test_the_prompts_cover_sliding_windows_and_the_longrope_switch(tiny_models):

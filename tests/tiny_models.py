@@ -146,6 +146,14 @@ def cohere2_config():
     return config_of("Cohere2Config", **_SHAPE)
 
 
+def modernbert_decoder_config():
+    """ModernBERT-decoder: its CausalLM holds a dense layer, activation and norm (`lm_head`) beside the base model,
+    before the vocabulary projection (`decoder`), and alternates global and sliding-window attention."""
+    return config_of("ModernBertDecoderConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=512, global_attn_every_n_layers=2,
+                     local_attention=16)
+
+
 def mamba_config():
     """Mamba: a state-space model, no key/value cache and no attention; not a standard decoder."""
     return config_of("MambaConfig", hidden_size=64, state_size=8, num_hidden_layers=2)

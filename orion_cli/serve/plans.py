@@ -39,6 +39,8 @@ ORION_PLANS: dict[str, tuple[dict[str, str], list[str]]] = {
              "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.out_proj": "rowwise",
              "layers.*.fc1": "colwise", "layers.*.fc2": "rowwise"},
             ["embed_tokens", "embed_positions", "project_in", "layers", "final_layer_norm", "project_out"]),
+    # stages only: its MLP's Wi holds gate and up stacked, which a plain colwise share would split apart
+    "modernbert-decoder": ({}, ["embeddings", "layers", "final_norm"]),
 }
 
 

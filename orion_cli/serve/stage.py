@@ -11,7 +11,10 @@ KV cache (attention.py). Then, following the model's plans (plans.py):
 - linear layers the tensor-parallel plan names become ParallelLinear shares,
   the embedding and LM head vocabulary-parallel; the rest is replicated;
 - every remaining weight is read from the checkpoint's memory map, only this
-  rank's slice of it, so no rank ever holds the whole model.
+  rank's slice of it, so no rank ever holds the whole model; modules the
+  CausalLM holds beside its base model and head (ModernBERT-decoder's dense
+  layer and norm before its vocabulary projection) are read whole on the last
+  stage and dropped on the others.
 
 The forward is transformers' own too, so whatever a model does beyond
 embed -> layers -> norm stays exact at every stage boundary: the embedding
@@ -26,7 +29,7 @@ head (a hook on the base model's output) and logits_to_keep=1.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -134,6 +137,7 @@ class StageModel(nn.Module):
                 weight = load.matmul(load.rows(embedding_name if tied else f"{head_attr}.weight", v0, v1))
             bias = load.rows(f"{head_attr}.bias", v0, v1) if load.has(f"{head_attr}.bias") else None
             setattr(model, head_attr, VocabParallelLMHead(weight, bias, self.shape.vocab_size, per_rank, tp))
+        self._load_beside_the_base(load, last)
 
         for name, child in list(self.base.named_children()):
             if getattr(child, "rope_type", None) == "longrope":
@@ -218,17 +222,34 @@ class StageModel(nn.Module):
             parent, _, child = qualname.rpartition(".")
             replacement = parallel_linear(module, f"{self.prefix}.{qualname}", style, self.tp, load, self.shape)
             setattr(self.base.get_submodule(parent) if parent else self.base, child, replacement)
-        for qualname, module in self.base.named_modules():
-            if not on_this_stage(qualname):
+        self._read_whole(self.base, self.prefix, load, on_this_stage)
+
+    def _read_whole(self, root: nn.Module, prefix: str, load: WeightLoader,
+                    wanted: Callable[[str], bool] = lambda qualname: True) -> None:
+        """Every parameter still on the meta device under `root` (checkpoint names under `prefix`), read whole."""
+        for qualname, module in root.named_modules():
+            if not wanted(qualname):
                 continue
             for name, param in list(module._parameters.items()):
                 if param is None or not param.is_meta:
                     continue
-                checkpoint_name = ".".join(filter(None, (self.prefix, qualname, name)))
+                checkpoint_name = ".".join(filter(None, (prefix, qualname, name)))
                 if not load.has(checkpoint_name):
                     raise ModelDirError(f"MODEL_DIR: the checkpoint has no tensor {checkpoint_name}, which "
                                         f"{type(self.model).__name__} needs")
                 module._parameters[name] = nn.Parameter(load.full(checkpoint_name), requires_grad=False)
+
+    def _load_beside_the_base(self, load: WeightLoader, last: bool) -> None:
+        """The CausalLM's modules beside its base model and head (ModernBERT-decoder's dense layer and norm before
+        its decoder): read whole on the last stage, which runs them; dropped on the others."""
+        holder = self.prefix.split(".")[0]
+        for name, child in list(self.model.named_children()):
+            if name == holder:
+                continue
+            if last:
+                self._read_whole(child, name, load)
+            else:
+                setattr(self.model, name, nn.Identity())
 
     def _check_materialized(self) -> None:
         left = [name for name, param in self.named_parameters() if param.is_meta]
