@@ -242,6 +242,8 @@ class StageModel(nn.Module):
     def _load_beside_the_base(self, load: WeightLoader, last: bool) -> None:
         """The CausalLM's modules beside its base model and head (ModernBERT-decoder's dense layer and norm before
         its decoder): read whole on the last stage, which runs them; dropped on the others."""
+        if not self.prefix:  # the CausalLM is its own base model: nothing beside it
+            return
         holder = self.prefix.split(".")[0]
         for name, child in list(self.model.named_children()):
             if name == holder:
