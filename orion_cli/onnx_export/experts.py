@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+import torch
 from torch import nn
 
 _MODULE = "transformers.models.{0}.modeling_{0}"
@@ -45,7 +46,6 @@ def _renormalized(self, hidden_states):
 def _with_shared_expert(self, hidden_states):
     """Qwen2-MoE's block: the routed experts as Qwen3-MoE's, plus a shared expert every token takes, scaled by
     its own sigmoid gate (transformers' Qwen2MoeSparseMoeBlock.forward, without the `expert_hit` loop)."""
-    import torch
     from optimum.exporters.onnx.model_patcher import qwen3_moe_forward_patched
 
     routed, router_logits = qwen3_moe_forward_patched(self, hidden_states)
@@ -67,8 +67,6 @@ def _sparsemixer_routed(self, hidden_states):
 def _every_expert(self, flat, weights, selected, experts=None):
     """Each expert's output on the rows routed to it, weighted and summed; an expert no row chose computes on
     zero rows instead of being skipped, so the traced graph holds every expert."""
-    import torch
-
     experts = self.experts if experts is None else experts
     out = torch.zeros_like(flat)
     expert_mask = torch.nn.functional.one_hot(selected, num_classes=len(experts)).permute(2, 1, 0)
@@ -81,8 +79,6 @@ def _every_expert(self, flat, weights, selected, experts=None):
 def _stacked_top_k(self, layer_input):
     """GraniteMoE's block (GraniteMoeMoE.forward): top-k of the router's logits, softmax over those k, each
     expert a gated MLP of its split input and output stacks, every expert run."""
-    import torch
-
     batch_size, sequence_length, hidden_dim = layer_input.shape
     flat = layer_input.reshape(-1, hidden_dim)
     router_logits = self.router.layer(flat).float()
@@ -114,8 +110,6 @@ class ExpertLinears(nn.Module):
             self.experts.append(linear)
 
     def forward(self, inputs, expert_size):
-        import torch
-
         parts = inputs.split(expert_size, dim=0)
         return torch.cat([expert(part) for expert, part in zip(self.experts, parts)], dim=0)
 
