@@ -68,7 +68,7 @@ def _rank(rank: int, port: int, tp: int, pp: int, models: dict[str, str], prompt
         topology = build_topology(spec, 0, rank)
         if topology.is_driver:
             runner = start_driver(spec, topology, torch.device("cpu"))
-            results[name] = _drive(runner, runner.runtime, path, prompts, new_tokens)
+            results[name] = drive(runner, runner.runtime, path, prompts, new_tokens)
         else:
             follow(RankRuntime(spec, topology, torch.device("cpu")))
     if rank == 0:
@@ -76,7 +76,7 @@ def _rank(rank: int, port: int, tp: int, pp: int, models: dict[str, str], prompt
     leave_process_group(0)  # as `orion serve`'s ranks end
 
 
-def _drive(runner, runtime, model_dir: str, prompts: list[list[int]], new_tokens: list[int]) -> dict:
+def drive(runner, runtime, model_dir: str, prompts: list[list[int]], new_tokens: list[int]) -> dict:
     from transformers import AutoTokenizer
 
     from orion_cli.serve.metrics import ServeMetrics

@@ -105,7 +105,7 @@ def test_a_layer_whose_state_or_mask_the_cache_would_drop_is_refused_at_load(tmp
 def test_modules_beside_the_base_model_and_the_head_are_loaded_on_the_last_stage(tmp_path):
     """ModernBERT-decoder runs a dense layer and a norm (`lm_head`) between its base model and its vocabulary
     projection (`decoder`). The stage read weights only for those two, so it failed to load ("no weight was
-    loaded for lm_head.dense.weight"); now the last stage reads them and the others drop the module."""
+    loaded for model.lm_head.dense.weight"); now the last stage reads them and the others drop the module."""
     path = str(build_model(modernbert_decoder_config(), tmp_path / "modernbert-decoder"))
     prompts = prompt_ids(path)
     want = [hf_greedy(path, ids, NEW_TOKENS) for ids in prompts]
@@ -422,7 +422,7 @@ def test_rank_zero_loads_its_stage_and_runs_every_plan_on_one_thread(tiny_llama,
 
     import torch.distributed as dist
 
-    from engine_testing import _drive, free_port
+    from engine_testing import drive, free_port
     from orion_cli.config import shipped_config
     from orion_cli.modeldir import inspect_model_dir
     from orion_cli.serve.options import ServeJob, check_torch_options
@@ -449,7 +449,7 @@ def test_rank_zero_loads_its_stage_and_runs_every_plan_on_one_thread(tiny_llama,
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         runner = start_driver(spec, build_topology(spec, 0, 0), torch.device("cpu"))
-        got = _drive(runner, runner.runtime, str(tiny_llama), prompt_ids(tiny_llama)[:2], [4, 4])
+        got = drive(runner, runner.runtime, str(tiny_llama), prompt_ids(tiny_llama)[:2], [4, 4])
     finally:
         dist.destroy_process_group()
     assert all(len(tokens) == 4 for tokens in got["batched"])
