@@ -64,7 +64,9 @@ class WeightLoader:
         self.device = device
 
     def place(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(device=self.device, dtype=self.dtype).contiguous()
+        # always a copy: a slice already in the served dtype would otherwise stay a view of the checkpoint's
+        # memory map, keeping the map and every page read at load resident beside the rank's own weights
+        return tensor.to(device=self.device, dtype=self.dtype, copy=True).contiguous()
 
     def has(self, name: str) -> bool:
         return name in self.reader
