@@ -18,6 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..heap import return_large_blocks_to_the_system
 from .driver import run_driver
 from .options import NODE_RANK_ENV, WorkerSpec
 from .worker import (PROCESS_GROUP_TIMEOUT, RankRuntime, Topology, build_topology, follow, leave_process_group,
@@ -66,6 +67,9 @@ def _setup_logging(verbose: bool, rank: str) -> None:
 def main() -> int:
     spec = WorkerSpec.from_env()
     _setup_logging(spec.verbose, os.environ.get("RANK", "?"))
+    # loading frees a temporary copy of every tensor; from the heap, glibc would keep most of them (heap.py):
+    # TinyLlama in bfloat16 held 3.7 GiB after its load against 2.6 GiB with this, for 2.1 GiB of weights
+    return_large_blocks_to_the_system()
     sys.stdout = sys.stderr  # stdout belongs to `orion serve --json`
     _exit_with_parent()
     node_rank = int(os.environ.get(NODE_RANK_ENV, "0"))
