@@ -69,18 +69,13 @@ def _export(model_dir: Path, output_file: Path, trust_remote_code: bool, flag: s
     from itertools import chain
 
     import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     import optimum.exporters.onnx.model_configs  # noqa: F401 - registers the export configs
     from optimum.exporters.tasks import TasksManager
 
-    from .experts import split_stacked_experts
-
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary frequencies) real
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    split_stacked_experts(model)
+    model = meta_model(config, trust_remote_code)
     stand_in_parameters(model)
     model.eval()
     try:
@@ -104,6 +99,22 @@ def _export(model_dir: Path, output_file: Path, trust_remote_code: bool, flag: s
             dynamic_axes=dict(chain(inputs.items(), export_config.outputs.items())), do_constant_folding=False,
             opset_version=export_config.DEFAULT_ONNX_OPSET, export_params=False, dynamo=False,
         )
+
+
+def meta_model(config, trust_remote_code: bool = False):
+    """The CausalLM of `config`, parameters on the meta device (buffers such as rotary frequencies real), each expert
+    stack split into one linear layer per expert (experts.py): the model the export traces and the one quantize
+    calibrates (quantize/layerwise.py), built here once so both name every weight alike."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from .experts import split_stacked_experts
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    split_stacked_experts(model)
+    return model
 
 
 @contextlib.contextmanager
@@ -171,9 +182,10 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
     attention functions (`_supports_attention_backend`) is built on that contract (the attention interface, the
     cache object, position ids), so StarCoder2 exports the same way. So is a class with transformers' older
     per-backend attention classes (`_supports_sdpa`) whose forward takes those inputs and a cache object (OLMoE,
-    Qwen2-MoE, PhiMoE); a hybrid whose cache is not a key/value cache (Jamba, Bamba) fails in the trace, saying so.
-    Experts need their block made traceable (experts.py); a block not listed there is refused. Whether an export is
-    right is checked, not assumed: every architecture of the test table is compared with transformers' logits.
+    Qwen2-MoE, PhiMoE, GraniteMoE); a hybrid whose cache is not a key/value cache (Jamba, Bamba) fails in the
+    trace, saying so. Experts need their block made traceable (experts.py); a block not listed there is refused.
+    Whether an export is right is checked, not assumed: every architecture of the test table is compared with
+    transformers' logits.
     """
     from .experts import experts_patcher, traceable
 

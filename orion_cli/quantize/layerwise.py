@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..base_model import find_base_model
-from ..onnx_export.experts import split_stacked_experts
+from ..onnx_export.graph import meta_model
 from ..onnx_export.tensors import ModelTensors, row_blocks
 from .sensitivity import LayerCall
 
@@ -34,14 +34,10 @@ def is_linear(module: nn.Module) -> bool:
 
 class LayerwiseModel:
     def __init__(self, model_dir: str, tensors: ModelTensors, trust_remote_code: bool = False):
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        with init_empty_weights(include_buffers=False):  # the same model onnx_export/graph.py traces
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
-                                                     dtype=torch.float32)
-        split_stacked_experts(model)  # as the export does, so each expert is a linear layer with its own inputs
+        model = meta_model(config, trust_remote_code)  # the model the export traces, each expert its own linear
         self.model = model.eval()
         self.config = config
         self.text_config = config.get_text_config()
