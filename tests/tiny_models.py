@@ -123,11 +123,17 @@ def config_of(class_name: str, **fields: Any):
                                                 "eos_token_id": eos, "pad_token_id": pad, **fields})
 
 
+def tiny_shape(*without: str) -> dict[str, Any]:
+    """The table's shape without the fields a config takes no value for (JetMoE derives its attention heads,
+    ModernBERT-decoder has no key/value head count)."""
+    return {field: value for field, value in _SHAPE.items() if field not in without}
+
+
 def jetmoe_config():
     """JetMoE: a standard decoder whose experts' block no export makes traceable (it splits its rows by the
     routing's counts in Python, and its attention is a mixture of experts too)."""
-    return config_of("JetMoeConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_key_value_heads=2,
-                     kv_channels=16, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512)
+    return config_of("JetMoeConfig", kv_channels=16, num_local_experts=4, num_experts_per_tok=2,
+                     **tiny_shape("num_attention_heads"))
 
 
 def lfm2_config():
@@ -149,9 +155,8 @@ def cohere2_config():
 def modernbert_decoder_config():
     """ModernBERT-decoder: its CausalLM holds a dense layer, activation and norm (`lm_head`) beside the base model,
     before the vocabulary projection (`decoder`), and alternates global and sliding-window attention."""
-    return config_of("ModernBertDecoderConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=512, global_attn_every_n_layers=2,
-                     local_attention=16)
+    return config_of("ModernBertDecoderConfig", global_attn_every_n_layers=2, local_attention=16,
+                     **tiny_shape("num_key_value_heads"))
 
 
 def mamba_config():

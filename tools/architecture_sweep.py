@@ -45,15 +45,13 @@ def build(model_type: str, class_name: str, root: Path) -> str | None:
     import torch
     import transformers
 
-    from tiny_models import build_model, config_of
+    from tiny_models import build_model, config_of, tiny_shape
 
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=512, initializer_range=0.2)
     try:
         config_class = transformers.CONFIG_MAPPING[model_type]
-        if hasattr(config_class(), "num_key_value_heads"):  # grouped-query heads only where the model has them
-            shape["num_key_value_heads"] = 2
-        config = config_of(config_class.__name__, **shape)
+        # grouped-query heads only where the model has them
+        shape = tiny_shape() if hasattr(config_class(), "num_key_value_heads") else tiny_shape("num_key_value_heads")
+        config = config_of(config_class.__name__, initializer_range=0.2, **shape)
         config.architectures = [class_name]
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
