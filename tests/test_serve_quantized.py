@@ -119,6 +119,42 @@ def test_torch_engine_logits_match_onnxruntime_on_the_same_quantized_file(arch, 
     assert (exact.gather(-1, picked[:, None])[:, 0] >= exact.max(-1).values - TIE).all()
 
 
+@pytest.mark.parametrize("arch,level", CASES, ids=[f"{a}-{lv}" for a, lv in CASES])
+def test_onnxruntime_scores_the_same_file_with_its_projections_fused_as_unfused(arch, level, quantized, monkeypatch):
+    """The onnxruntime engine's load (attention rewrite where it applies, projection fusion: serve/onnx_fusion.py),
+    with and without the fusion: every prompt position's logits equal (atol 1e-5, for a kernel that may tile a
+    longer row differently). A Llama's query, keys and values reach its attention as one packed product."""
+    from transformers import AutoConfig
+
+    import orion_cli.serve.onnx_fusion as fusion
+    from orion_cli.serve.onnx_attention import Heads, rewrite_attention
+    from orion_cli.serve.onnx_serving import onnx_runner
+
+    model_dir = quantized[(arch, level)]
+    config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    fuse, counted = fusion.fuse_projections, []
+
+    def scored(fusing):
+        monkeypatch.setattr(fusion, "fuse_projections", fusing)
+        runner = onnx_runner(model_dir / "model.onnx", config, attention="auto", max_batch_size=1, max_model_len=64,
+                             prefix_cache_bytes=0, recompute_at=None)
+        return runner, runner._prefill(0, PROMPT, every_position=True)[0]
+
+    _, reference = scored(lambda graph: 0)
+    runner, ours = scored(lambda graph: counted.append(fuse(graph)) or counted[-1])
+    print(f"{arch} {level}: {counted} groups fused; attention {runner.attention}")
+    assert counted == [runner.fused_projections]
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-5)
+    if (arch, level) == ("llama", "q4"):
+        assert counted == [2 * config.num_hidden_layers]  # q/k/v and gate/up, in every layer
+        heads = Heads(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        graph = rewrite_attention(onnx.load(model_dir / "model.onnx", load_external_data=False), heads,
+                                  rotary_positions=64, base_dir=model_dir).graph
+        fuse(graph)
+        attention = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+        assert attention and all(node.input[1] == node.input[2] == "" for node in attention)
+
+
 def test_quantized_weights_are_what_a_rank_holds(quantized):
     """Every matmul runs on the int4 kernel or is dequantized; the rank holds about the file's bytes, not float32's."""
     from orion_cli.serve.kernels import BlockMatmul

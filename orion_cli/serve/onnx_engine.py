@@ -50,6 +50,7 @@ class OnnxRunner:
         self.sampler = Sampler()
         self.weight_bytes = 0
         self.attention = "exported"  # what runs each layer's attention, for /v1/models and the log
+        self.fused_projections = 0  # groups of quantized projections run as one product (onnx_fusion.py)
         self.prefix_cache = PrefixCache(prefix_cache_bytes, longest=recompute_at) if prefix_cache_bytes else None
 
     def run(self, plan: StepPlan) -> Any:

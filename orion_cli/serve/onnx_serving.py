@@ -24,10 +24,12 @@ log = logging.getLogger("orion_cli.serve")
 def onnx_runner(graph, text_config, *, attention: str, max_batch_size: int, max_model_len: int,
                 prefix_cache_bytes: int, recompute_at: int | None) -> OnnxRunner:
     """The static-cache runner over the graph with GroupQueryAttention where the rewrite applies (`attention`
-    "auto"), else the exported graph's own attention; `runner.attention` says which, and why."""
+    "auto"), else the exported graph's own attention; `runner.attention` says which, and why. Either way, quantized
+    projections reading one input run as one product (onnx_fusion.py)."""
     import onnx
 
     from .onnx_attention import Heads, NotRewritten, rewrite_attention
+    from .onnx_fusion import fuse_projections
 
     model = onnx.load(str(graph), load_external_data=False)
     heads = text_config.num_attention_heads
@@ -45,6 +47,7 @@ def onnx_runner(graph, text_config, *, attention: str, max_batch_size: int, max_
         rewritten = rewrite_attention(model, Heads(heads, kv_heads, head_dim), sliding_windows(text_config),
                                       rotary_positions=max_model_len if recompute_at is None else None,
                                       base_dir=Path(graph).parent)
+        fused = fuse_projections(rewritten.graph)
         try:  # a graph the rewrite misread fails here, at load, rather than on the first request
             runner = StaticCacheRunner(OnnxDecoder(graph, graph=rewritten.SerializeToString()), slots=max_batch_size,
                                        max_len=max_model_len, kv_heads=kv_heads, head_dim=head_dim,
@@ -52,13 +55,16 @@ def onnx_runner(graph, text_config, *, attention: str, max_batch_size: int, max_
             runner.probe()
             if any(attribute.name == "do_rotary" for node in rewritten.graph.node for attribute in node.attribute):
                 runner.attention += ", rotary embedding folded in"
+            runner.fused_projections = fused
             return runner
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises many kinds
             raise NotRewritten(f"onnxruntime refused the rewritten graph: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0][:200]}") from None
     except NotRewritten as why:
-        runner = OnnxRunner(OnnxDecoder(graph), prefix_cache_bytes, recompute_at)
-        runner.attention = f"exported ({why})"
+        fused = fuse_projections(model.graph)
+        decoder = OnnxDecoder(graph, graph=model.SerializeToString()) if fused else OnnxDecoder(graph)
+        runner = OnnxRunner(decoder, prefix_cache_bytes, recompute_at)
+        runner.attention, runner.fused_projections = f"exported ({why})", fused
         return runner
 
 
@@ -125,7 +131,8 @@ def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None
         raise ServeError(f"MODEL_DIR {where}: cannot be loaded by onnxruntime "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     runner.weight_bytes = model.weight_bytes
-    log.info("onnxruntime engine: attention %s", runner.attention)
+    log.info("onnxruntime engine: attention %s; %d groups of quantized projections fused", runner.attention,
+             runner.fused_projections)
     if max_model_len < settings.max_model_len:
         log.warning("--max-model-len %d exceeds the model's %d positions; using %d",
                     settings.max_model_len, max_positions, max_model_len)
@@ -141,6 +148,7 @@ def serve_onnx(job: ServeJob, model, model_id: str, entry: dict[str, Any] | None
         id=model_id, root=str((source or model).path.resolve()), max_model_len=max_model_len, tokenizer=tokenizer,
         vocab_size=text_config.vocab_size,
         metadata={"orion": {"engine": "onnxruntime", "attention": runner.attention,
+                            "fused_projections": runner.fused_projections,
                             "architecture": model.architecture,
                             **({"onnx_export": str(model.path)} if source is not None else {}),
                             **({"quantization": quantization} if quantization else {}),
