@@ -129,6 +129,7 @@ NO_POSITION_IDS = "the graph takes no position_ids"  # optimum's Gemma exports d
 KEEPS_EXPORTED_ATTENTION = {
     "gemma": NO_POSITION_IDS, "gemma2": NO_POSITION_IDS, "gemma3_text": NO_POSITION_IDS,
     "gpt2": "positions that are not rotary", "opt": "positions that are not rotary",  # learned positions
+    "deepseek_v3": "GroupQueryAttention takes one head size",  # keys of 32, values of 24
 }
 
 

@@ -69,6 +69,12 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
                                          shared_expert_intermediate_size=96, tie_word_embeddings=False)),
     "phimoe": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
     # each expert stack one 3-D parameter; Granite's multipliers; tied as Granite 3 MoE ships
+    # multi-head latent attention (keys of 32, values of 24), routed and shared experts after one dense layer
+    "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
+                                             qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=24,
+                                             n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                             moe_intermediate_size=48, first_k_dense_replace=1,
+                                             tie_word_embeddings=False)),
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=12.0,
                                             residual_multiplier=0.22, logits_scaling=4.0, tie_word_embeddings=True)),
     # RoPE scaling variants, with original lengths the test prompts exceed

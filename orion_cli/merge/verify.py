@@ -75,12 +75,39 @@ def inferred_architecture(merge_config, options) -> Iterator[None]:
 
     models = tuple(merge_config.referenced_models())
     architecture = infer_architecture_info(models, merge_config.base_model, options)
+    architecture = _optional_where_a_layer_lacks_it(architecture, models + ((merge_config.base_model,) if
+                                                                             merge_config.base_model else ()), options)
     original = mergekit.merge.get_architecture_info
     mergekit.merge.get_architecture_info = lambda *args, **kwargs: architecture
     try:
         yield
     finally:
         mergekit.merge.get_architecture_info = original
+
+
+def _optional_where_a_layer_lacks_it(architecture, models, options):
+    """The inferred architecture with every layer template some layer lacks made optional.
+
+    mergekit's inference makes a template optional only when layer 0 lacks it, and then requires it of every
+    layer: a model whose first layers differ from the rest (DeepSeek's dense MLPs before its experts) fails on
+    the first layer without the template. An optional tensor no model has is skipped; one every model has is
+    merged as before."""
+    from mergekit.architecture.auto import get_model_tensor_names
+
+    in_all = set.intersection(*(set(get_model_tensor_names(model, options)) for model in models))
+    modules = {}
+    for key, module in architecture.modules.items():
+        definition = module.architecture.definition
+        layers = range(definition.override_num_layers or 0)
+        weights = [weight if weight.optional or all(weight.name.replace("${layer_index}", str(i)) in in_all
+                                                    for i in layers)
+                   else weight.model_copy(update={"optional": True})
+                   for weight in definition.layer_templates.weights]
+        templates = definition.layer_templates.model_copy(update={"weights": weights})
+        inferred = module.architecture.model_copy(
+            update={"definition": definition.model_copy(update={"layer_templates": templates})})
+        modules[key] = module.model_copy(update={"architecture": inferred})
+    return architecture.model_copy(update={"modules": modules})
 
 
 @contextlib.contextmanager

@@ -10,7 +10,8 @@ rows. Its patched forward is written for any block with Mixtral's contract
 `norm_topk_prob`), so a block listed here gets it too; Qwen2-MoE's adds its
 gated shared expert after it. PhiMoE routes with its own sparsemixer and then
 skips an expert no token chose (`if top_x.shape[0] == 0: continue`, the same
-trap), so its routing is kept and the loop replaced. OLMoE's block already runs
+trap), so its routing is kept and the loop replaced, as is DeepSeek-V3's (its grouped
+top-k router, then the same loop, then its shared experts). OLMoE's block already runs
 every expert and is listed with no patch. A block is listed only once its
 export has been compared with transformers' logits (the test table;
 GraniteMoeShared, whose block is GraniteMoE's, by tools/architecture_sweep.py).
@@ -62,6 +63,16 @@ def _sparsemixer_routed(self, hidden_states):
     router_logits = self.gate(flat)
     weights, selected = sparsemixer(router_logits, jitter_eps=self.router_jitter_noise, training=False)
     return _every_expert(self, flat, weights, selected).reshape(batch_size, sequence_length, hidden_dim), router_logits
+
+
+def _routed_and_shared(self, hidden_states):
+    """DeepSeek-V3's block (DeepseekV3MoE.forward): its router's top-k, every routed expert run, plus the
+    shared experts every token takes. Its `moe` skips an expert no token chose (`if token_indices.numel()`)."""
+    shape = hidden_states.shape
+    selected, weights = self.gate(hidden_states)
+    flat = hidden_states.view(-1, shape[-1])
+    routed = _every_expert(self, flat.to(weights.dtype), weights, selected).type(hidden_states.dtype)
+    return routed.view(*shape) + self.shared_experts(hidden_states)
 
 
 def _every_expert(self, flat, weights, selected, experts=None):
@@ -135,6 +146,7 @@ TRACEABLE_BLOCKS: dict[str, tuple[str, Callable | None]] = {
     "phimoe": ("PhimoeSparseMoeBlock", _sparsemixer_routed),
     "granitemoe": ("GraniteMoeMoE", _stacked_top_k),
     "granitemoeshared": ("GraniteMoeSharedMoE", _stacked_top_k),
+    "deepseek_v3": ("DeepseekV3MoE", _routed_and_shared),
 }
 
 
@@ -142,9 +154,10 @@ def traceable(model_type: str) -> bool:
     return model_type in TRACEABLE_BLOCKS
 
 
-def experts_patcher(model_type: str) -> type | None:
-    """An optimum ModelPatcher that swaps in the every-expert forward for `model_type`'s block; None when the
-    block needs none or is not listed (traceable() tells the two apart)."""
+def experts_patcher(model_type: str, base: type | None = None) -> type | None:
+    """An optimum ModelPatcher (a subclass of `base`, an export config's own patcher, or of optimum's plain one)
+    that swaps in the every-expert forward for `model_type`'s block; None when the block needs none or is not
+    listed (traceable() tells the two apart)."""
     entry = TRACEABLE_BLOCKS.get(model_type)
     if entry is None or entry[1] is None:
         return None
@@ -153,7 +166,7 @@ def experts_patcher(model_type: str) -> type | None:
     class_name, every_expert_forward = entry
     block = getattr(importlib.import_module(_MODULE.format(model_type)), class_name)
 
-    class ExpertsPatcher(ModelPatcher):
+    class ExpertsPatcher(base or ModelPatcher):
         def __enter__(self):
             super().__enter__()
             self.original_block_forward = block.forward

@@ -88,6 +88,8 @@ def _export(model_dir: Path, output_file: Path, trust_remote_code: bool, flag: s
             raise ExportError(f"{flag} {model_dir}: optimum cannot export {arch} with past key values "
                               f"({_first_sentence(exc)}), and {why_not}") from None
         log.info("optimum has no ONNX export entry for %s: exporting it as a standard decoder", config.model_type)
+    else:
+        constructor = _with_every_expert(constructor, config)
     export_config = constructor(model.config, task=CONFIG_TASK, use_past=True, use_past_in_inputs=True,
                                 int_dtype="int64", float_dtype="fp32")
     dummy = export_config.rename_ambiguous_inputs(export_config.generate_dummy_inputs(framework="pt"))
@@ -170,6 +172,24 @@ def stand_in_parameters(model) -> None:
                 value.view(-1)[0] = count * 1e-6
                 module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
     model.tie_weights()
+
+
+def _with_every_expert(constructor, config):
+    """optimum's own export config, its patcher extended with orion's every-expert block where optimum has an
+    entry but no patch of the experts (DeepSeek-V3: its export would fix the routing to the traced batch's)."""
+    from .experts import experts_patcher
+
+    import functools
+
+    if not any(getattr(config, name, None) for name in EXPERT_COUNTS):
+        return constructor
+    config_class = constructor.func if isinstance(constructor, functools.partial) else constructor
+    patcher = experts_patcher(config.model_type, getattr(config_class, "_MODEL_PATCHER", None))
+    if patcher is None:
+        return constructor
+    patched = type(config_class.__name__, (config_class,), {"_MODEL_PATCHER": patcher})
+    return functools.partial(patched, *constructor.args, **constructor.keywords) \
+        if isinstance(constructor, functools.partial) else patched
 
 
 def generic_decoder_config(model) -> tuple[type | None, str]:

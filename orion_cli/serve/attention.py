@@ -99,6 +99,8 @@ def grown_capacity(capacity: int, length: int, limit: int) -> int:
 
 class SlotCache:
     """Keys and values [slots, kv_heads, length, head_dim] per layer, allocated on first use, grown on demand.
+    A layer's values may have a head size of their own (DeepSeek's multi-head latent attention: keys of 192,
+    values of 128).
 
     Every operation runs inside the inference mode its tensors were made in
     (the engine runs whole steps, slot moves included, under torch.inference_mode).
@@ -125,11 +127,12 @@ class SlotCache:
                 tensors[layer] = new
         self.capacity = capacity
 
-    def layer(self, index: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer(self, index: int, kv_heads: int, key_dim: int, value_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         if index not in self.keys:
-            shape = (self.slots, kv_heads, self.capacity, head_dim)
-            self.keys[index] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.values[index] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.keys[index] = torch.zeros((self.slots, kv_heads, self.capacity, key_dim), dtype=self.dtype,
+                                           device=self.device)
+            self.values[index] = torch.zeros((self.slots, kv_heads, self.capacity, value_dim), dtype=self.dtype,
+                                             device=self.device)
         return self.keys[index], self.values[index]
 
     def move(self, source: int, target: int) -> None:
@@ -157,13 +160,14 @@ def orion_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     sliding_window: int | None = None, softcap: float | None = None,
                     s_aux: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """query [rows, heads, width, head_dim], key/value [rows, kv_heads, width, head_dim] -> [rows, width, heads, head_dim]."""
+    """query and key [rows, heads or kv_heads, width, head_dim], value [rows, kv_heads, width, value head_dim]
+    -> [rows, width, heads, value head_dim]."""
     context = CURRENT.get()
     step = context.step
     if context.calls is not None:
         context.calls.append((module.layer_idx, attention_mask is None or is_causal(attention_mask)))
     rows, kv_heads, width, head_dim = key.shape
-    keys, values = context.cache.layer(module.layer_idx, kv_heads, head_dim)
+    keys, values = context.cache.layer(module.layer_idx, kv_heads, head_dim, value.shape[-1])
     slots = slice(step.first_slot, step.first_slot + rows)
     if step.prefill:
         keys[slots, :, :width] = key

@@ -44,6 +44,21 @@ ORION_PLANS: dict[str, tuple[dict[str, str], list[str]]] = {
 }
 
 
+# transformers' styles for experts sharded without DTensors: local_colwise and local_rowwise split a linear and
+# communicate nothing, and "gather" on the MoE block all-reduces its output ("local" marks a container). orion's
+# rowwise all-reduces each linear's output instead: the block's output, a weighted sum of its linears' outputs,
+# comes out the same, at one all-reduce per expert run instead of one per block.
+_LOCAL_STYLES = {"local_colwise": "colwise", "local_rowwise": "rowwise"}
+_MARKERS = ("local", "gather")
+
+# Entries orion adds to a config's own plan. DeepSeek's covers its MLPs only; its multi-head latent attention
+# splits by heads too: the up-projections of the query and of the compressed keys/values (which every rank
+# computes whole, as it does the rotary key shared by all heads) colwise, the output projection rowwise.
+_MLA_HEADS = {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.q_b_proj": "colwise",
+              "layers.*.self_attn.kv_b_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"}
+ORION_ADDITIONS: dict[str, dict[str, str]] = {"deepseek_v3": _MLA_HEADS}
+
+
 @dataclass(frozen=True)
 class ModelPlan:
     tp: dict[str, str]  # pattern relative to the base model -> style; empty: no plan
@@ -60,10 +75,11 @@ class ModelPlan:
 
 def model_plan(config: Any) -> ModelPlan:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    tp = dict(getattr(text, "base_model_tp_plan", None) or {})
+    tp = {pattern: _LOCAL_STYLES.get(style, style) for pattern, style in
+          (getattr(text, "base_model_tp_plan", None) or {}).items() if style not in _MARKERS}
     pp = list((getattr(text, "base_model_pp_plan", None) or {}).keys())
     if tp or pp:
-        return ModelPlan(tp, pp, "transformers config")
+        return ModelPlan({**tp, **ORION_ADDITIONS.get(text.model_type, {})}, pp, "transformers config")
     if text.model_type in ORION_PLANS:
         tp, pp = ORION_PLANS[text.model_type]
         return ModelPlan(dict(tp), list(pp), "orion")
