@@ -158,6 +158,12 @@ def cohere2_config():
     return config_of("Cohere2Config", **_SHAPE)
 
 
+def deepseek_v2_config():
+    """DeepSeek-V2: multi-head latent attention and experts as DeepSeek-V3's (the table's line), but its rotary
+    embedding multiplies complex numbers (torch.polar), which torch's ONNX exporter does not take."""
+    return config_of("DeepseekV2Config", initializer_range=0.2, **{**_SHAPE, **TINY["deepseek_v3"][1]})
+
+
 def modernbert_decoder_config():
     """ModernBERT-decoder: its CausalLM holds a dense layer, activation and norm (`lm_head`) beside the base model,
     before the vocabulary projection (`decoder`), and alternates global and sliding-window attention."""

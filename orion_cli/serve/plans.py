@@ -56,7 +56,12 @@ _MARKERS = ("local", "gather")
 # computes whole, as it does the rotary key shared by all heads) colwise, the output projection rowwise.
 _MLA_HEADS = {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.q_b_proj": "colwise",
               "layers.*.self_attn.kv_b_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"}
-ORION_ADDITIONS: dict[str, dict[str, str]] = {"deepseek_v3": _MLA_HEADS}
+# DeepSeek-V2's own plan splits q_a_proj colwise, but the query's low-rank down-projection feeds a norm over all
+# its features (q_a_layernorm), so it stays whole; its plan leaves the experts whole, orion splits them as V3's.
+_DEEPSEEK_V2 = {**_MLA_HEADS, "layers.*.self_attn.q_a_proj": "replicate",
+                **{f"layers.*.mlp.{experts}.{name}": style for experts in ("experts.*", "shared_experts")
+                   for name, style in (("gate_proj", "colwise"), ("up_proj", "colwise"), ("down_proj", "rowwise"))}}
+ORION_ADDITIONS: dict[str, dict[str, str]] = {"deepseek_v3": _MLA_HEADS, "deepseek_v2": _DEEPSEEK_V2}
 
 
 @dataclass(frozen=True)
