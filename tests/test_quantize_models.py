@@ -20,8 +20,8 @@ from orion_cli.onnx_decoder import OnnxDecoder
 from orion_cli.onnx_export.graph import EXPERT_COUNTS
 from orion_cli.quantize import quantize_model
 from orion_cli.registry import Registry
-from tiny_models import (ARCHITECTURES, build_model, build_tiny_model, cohere2_config, deepseek_v2_config,
-                         jetmoe_config, mamba_config)
+from tiny_models import (ARCHITECTURES, build_model, build_tiny_model, cohere2_config, jetmoe_config,
+                         mamba_config)
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +129,8 @@ NO_POSITION_IDS = "the graph takes no position_ids"  # optimum's Gemma exports d
 KEEPS_EXPORTED_ATTENTION = {
     "gemma": NO_POSITION_IDS, "gemma2": NO_POSITION_IDS, "gemma3_text": NO_POSITION_IDS,
     "gpt2": "positions that are not rotary", "opt": "positions that are not rotary",  # learned positions
-    "deepseek_v3": "GroupQueryAttention takes one head size",  # keys of 32, values of 24
+    "deepseek_v2": "GroupQueryAttention takes one head size",  # keys of 32, values of 24
+    "deepseek_v3": "GroupQueryAttention takes one head size",
 }
 
 
@@ -234,8 +235,6 @@ def test_experts_of_a_block_not_made_traceable_are_refused(monkeypatch):
 @pytest.mark.parametrize("config, arch, reason", [
     (mamba_config, "MambaForCausalLM", "not a standard decoder"),
     (jetmoe_config, "JetMoeForCausalLM", "experts (num_local_experts=4) of a block orion has not made"),
-    # its block is V3's, but its complex-valued rotary embedding (torch.polar) would fail the trace after it
-    (deepseek_v2_config, "DeepseekV2ForCausalLM", "experts (n_routed_experts=4) of a block orion has not made"),
 ])
 def test_what_cannot_be_exported_fails_at_the_export_with_its_reason(orion, tmp_path, config, arch, reason):
     """optimum-onnx 0.1.0 has no entry for either. Mamba has no key/value cache, so it is no standard decoder;

@@ -22,8 +22,8 @@ from orion_cli.serve.protocol import SamplingSpec
 from orion_cli.serve.sampling import Sampler
 from orion_cli.serve.stage_link import pack_rows, unpack_rows
 from orion_cli.serve.text import TextStream
-from tiny_models import (ARCHITECTURES, build_model, deepseek_v2_config, doge_config, lfm2_config,
-                         modernbert_decoder_config, torch_engine_runs)
+from tiny_models import (ARCHITECTURES, build_model, doge_config, lfm2_config, modernbert_decoder_config,
+                         tiny_config, torch_engine_runs)
 
 from engine_testing import run_layout
 from serve_testing import hf_greedy, hf_tokenizer, tokenize
@@ -114,20 +114,20 @@ def test_modules_beside_the_base_model_and_the_head_are_loaded_on_the_last_stage
     assert same_until_eos(split["modernbert-decoder"]["batched"], want)
 
 
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_deepseek_v2_is_served_split_by_heads_and_experts(tmp_path):
-    """DeepSeek-V2 (outside the table: no ONNX export takes its complex-valued rotary embedding). Its config's plan
-    splits q_a_proj, whose output feeds a norm over all its features, and leaves the experts whole; orion's
-    additions (serve/plans.py) keep q_a_proj whole and split heads and experts. tp=2 decodes as generate()."""
-    path = str(build_model(deepseek_v2_config(), tmp_path / "deepseek-v2"))
-    plan = model_plan(deepseek_v2_config())
-    assert plan.style_of("layers.0.self_attn.q_a_proj") == "replicate"
-    assert plan.style_of("layers.1.mlp.experts.3.down_proj") == "rowwise"
-    prompts = prompt_ids(path)
-    want = [hf_greedy(path, ids, NEW_TOKENS) for ids in prompts]
-    split = run_layout(2, 1, {"deepseek-v2": path}, prompts, NEW_TOKENS, tmp_path)
-    assert same_until_eos(split["deepseek-v2"]["batched"], want)
+def test_deepseek_plans_split_heads_and_experts_and_keep_low_rank_projections_whole():
+    """DeepSeek-V2's config splits q_a_proj, whose output feeds a norm over all its features (q_a_layernorm), and
+    leaves the experts whole; V3's covers only its MLPs, in transformers' local styles. orion's additions
+    (serve/plans.py) split both by heads and experts; the layout test decodes them at tp=2 as generate()."""
+    v2, v3 = model_plan(tiny_config("deepseek_v2")), model_plan(tiny_config("deepseek_v3"))
+    for plan in (v2, v3):
+        assert plan.style_of("layers.0.self_attn.q_b_proj") == "colwise"
+        assert plan.style_of("layers.0.self_attn.kv_b_proj") == "colwise"
+        assert plan.style_of("layers.0.self_attn.o_proj") == "rowwise"
+        assert plan.style_of("layers.1.mlp.experts.3.gate_proj") == "colwise"
+        assert plan.style_of("layers.1.mlp.experts.3.down_proj") == "rowwise"
+        assert plan.style_of("layers.0.self_attn.kv_a_proj_with_mqa") is None  # whole on every rank
+    assert v2.style_of("layers.0.self_attn.q_a_proj") == "replicate"
+    assert "local_colwise" not in v3.tp.values() and "gather" not in v3.tp.values()
 
 
 def test_the_prompts_cover_sliding_windows_and_the_longrope_switch(tiny_models):

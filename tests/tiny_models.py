@@ -75,6 +75,12 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
                                              n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
                                              moe_intermediate_size=48, first_k_dense_replace=1,
                                              tie_word_embeddings=False)),
+    # DeepSeek-V3's attention and experts, with V2's complex-valued rotary embedding (onnx_export/rotary.py)
+    "deepseek_v2": ("DeepseekV2Config", dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
+                                             qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=24,
+                                             n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                             moe_intermediate_size=48, first_k_dense_replace=1,
+                                             tie_word_embeddings=False)),
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=12.0,
                                             residual_multiplier=0.22, logits_scaling=4.0, tie_word_embeddings=True)),
     # RoPE scaling variants, with original lengths the test prompts exceed
@@ -156,12 +162,6 @@ def cohere2_config():
     """Cohere 2: a standard decoder whose export fails inside torch's exporter (transformers 4.57, optimum-onnx 0.1.0),
     which then prints its IR graph from C++."""
     return config_of("Cohere2Config", **_SHAPE)
-
-
-def deepseek_v2_config():
-    """DeepSeek-V2: multi-head latent attention and experts as DeepSeek-V3's (the table's line), but its rotary
-    embedding multiplies complex numbers (torch.polar), which torch's ONNX exporter does not take."""
-    return config_of("DeepseekV2Config", initializer_range=0.2, **{**_SHAPE, **TINY["deepseek_v3"][1]})
 
 
 def modernbert_decoder_config():

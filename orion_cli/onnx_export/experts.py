@@ -146,6 +146,7 @@ TRACEABLE_BLOCKS: dict[str, tuple[str, Callable | None]] = {
     "phimoe": ("PhimoeSparseMoeBlock", _sparsemixer_routed),
     "granitemoe": ("GraniteMoeMoE", _stacked_top_k),
     "granitemoeshared": ("GraniteMoeSharedMoE", _stacked_top_k),
+    "deepseek_v2": ("DeepseekV2MoE", _routed_and_shared),
     "deepseek_v3": ("DeepseekV3MoE", _routed_and_shared),
 }
 
@@ -154,26 +155,11 @@ def traceable(model_type: str) -> bool:
     return model_type in TRACEABLE_BLOCKS
 
 
-def experts_patcher(model_type: str, base: type | None = None) -> type | None:
-    """An optimum ModelPatcher (a subclass of `base`, an export config's own patcher, or of optimum's plain one)
-    that swaps in the every-expert forward for `model_type`'s block; None when the block needs none or is not
-    listed (traceable() tells the two apart)."""
+def expert_swaps(model_type: str) -> list[tuple[object, str, Callable]]:
+    """(block class, "forward", its every-expert forward) for `model_type`'s listed block; none when the block needs
+    no patch or is not listed (traceable() tells the two apart)."""
     entry = TRACEABLE_BLOCKS.get(model_type)
     if entry is None or entry[1] is None:
-        return None
-    from optimum.exporters.onnx.model_patcher import ModelPatcher
-
+        return []
     class_name, every_expert_forward = entry
-    block = getattr(importlib.import_module(_MODULE.format(model_type)), class_name)
-
-    class ExpertsPatcher(base or ModelPatcher):
-        def __enter__(self):
-            super().__enter__()
-            self.original_block_forward = block.forward
-            block.forward = every_expert_forward
-
-        def __exit__(self, exc_type, exc_value, traceback):
-            super().__exit__(exc_type, exc_value, traceback)
-            block.forward = self.original_block_forward
-
-    return ExpertsPatcher
+    return [(getattr(importlib.import_module(_MODULE.format(model_type)), class_name), "forward", every_expert_forward)]

@@ -89,7 +89,7 @@ def _export(model_dir: Path, output_file: Path, trust_remote_code: bool, flag: s
                               f"({_first_sentence(exc)}), and {why_not}") from None
         log.info("optimum has no ONNX export entry for %s: exporting it as a standard decoder", config.model_type)
     else:
-        constructor = _with_every_expert(constructor, config)
+        constructor = _with_orion_patches(constructor, config)
     export_config = constructor(model.config, task=CONFIG_TASK, use_past=True, use_past_in_inputs=True,
                                 int_dtype="int64", float_dtype="fp32")
     dummy = export_config.rename_ambiguous_inputs(export_config.generate_dummy_inputs(framework="pt"))
@@ -174,17 +174,15 @@ def stand_in_parameters(model) -> None:
     model.tie_weights()
 
 
-def _with_every_expert(constructor, config):
-    """optimum's own export config, its patcher extended with orion's every-expert block where optimum has an
-    entry but no patch of the experts (DeepSeek-V3: its export would fix the routing to the traced batch's)."""
-    from .experts import experts_patcher
-
+def _with_orion_patches(constructor, config):
+    """optimum's own export config, its patcher extended with orion's swaps (patching.py) where optimum has an
+    entry but no such patch (DeepSeek-V3's experts: its export would fix the routing to the traced batch's)."""
     import functools
 
-    if not any(getattr(config, name, None) for name in EXPERT_COUNTS):
-        return constructor
+    from .patching import export_patcher
+
     config_class = constructor.func if isinstance(constructor, functools.partial) else constructor
-    patcher = experts_patcher(config.model_type, getattr(config_class, "_MODEL_PATCHER", None))
+    patcher = export_patcher(config.model_type, getattr(config_class, "_MODEL_PATCHER", None))
     if patcher is None:
         return constructor
     patched = type(config_class.__name__, (config_class,), {"_MODEL_PATCHER": patcher})
@@ -207,7 +205,8 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
     Whether an export is right is checked, not assumed: every architecture of the test table is compared with
     transformers' logits.
     """
-    from .experts import experts_patcher, traceable
+    from .experts import traceable
+    from .patching import export_patcher
 
     config = model.config
     if not takes_standard_decoder_inputs(type(model)):
@@ -217,16 +216,20 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
     if experts and not traceable(config.model_type):
         return None, (f"its config has experts ({experts[0]}={getattr(config, experts[0])}) of a block orion "
                       "has not made traceable, so their routing would be fixed to the traced shapes")
-    patcher = experts_patcher(config.model_type) if experts else None
+    patcher = export_patcher(config.model_type)
     from optimum.exporters.onnx.config import TextDecoderWithPositionIdsOnnxConfig
-    from optimum.exporters.onnx.model_configs import LlamaOnnxConfig
+    from optimum.exporters.onnx.model_configs import DeepSeekV3OnnxConfig, LlamaOnnxConfig
     from optimum.utils import NormalizedTextConfig, NormalizedTextConfigWithGQA
 
     # A config without num_key_value_heads (Persimmon, BioGPT) caches as many key/value heads as query heads: the
     # description GPT-NeoX's and Phi's entries share, whose dummy cache is sized by the attention heads.
     grouped = getattr(config, "num_key_value_heads", None) is not None
+    # Multi-head latent attention (DeepSeek-V2) caches keys of the no-rope and rope parts and values of a head size
+    # of their own, per head: the cache optimum's DeepSeek-V3 entry describes.
+    latent = all(getattr(config, name, None) for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    base = DeepSeekV3OnnxConfig if latent else LlamaOnnxConfig if grouped else TextDecoderWithPositionIdsOnnxConfig
 
-    class StandardDecoderOnnxConfig(LlamaOnnxConfig if grouped else TextDecoderWithPositionIdsOnnxConfig):
+    class StandardDecoderOnnxConfig(base):
         NORMALIZED_CONFIG_CLASS = NormalizedTextConfigWithGQA if grouped else NormalizedTextConfig
         if patcher is not None:
             _MODEL_PATCHER = patcher
