@@ -20,6 +20,10 @@ SLIDING_WINDOW = 8  # shorter than the prompts the tests send, so the window mat
 _SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512)
 
+_DEEPSEEK = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                 v_head_dim=24, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                 moe_intermediate_size=48, first_k_dense_replace=1, tie_word_embeddings=False)
+
 # name -> (transformers config class, overrides of _SHAPE and of the class's defaults)
 TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
@@ -63,24 +67,16 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "persimmon": ("PersimmonConfig", dict(hidden_size=128, num_key_value_heads=None, tie_word_embeddings=False)),
     # learned positions offset by 2, a base model nested one level deeper (model.decoder), tied head
     "opt": ("OPTConfig", dict(ffn_dim=128, word_embed_proj_dim=64, tie_word_embeddings=True)),
+    # multi-head latent attention (keys of 32, values of 24), routed and shared experts after one dense layer
+    "deepseek_v3": ("DeepseekV3Config", _DEEPSEEK),
+    # the same, with V2's complex-valued rotary embedding (onnx_export/rotary.py)
+    "deepseek_v2": ("DeepseekV2Config", _DEEPSEEK),
     # no attention functions: served by onnxruntime, through the standard-decoder export and experts.py's blocks
     "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
     "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                          shared_expert_intermediate_size=96, tie_word_embeddings=False)),
     "phimoe": ("PhimoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
     # each expert stack one 3-D parameter; Granite's multipliers; tied as Granite 3 MoE ships
-    # multi-head latent attention (keys of 32, values of 24), routed and shared experts after one dense layer
-    "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
-                                             qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=24,
-                                             n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
-                                             moe_intermediate_size=48, first_k_dense_replace=1,
-                                             tie_word_embeddings=False)),
-    # DeepSeek-V3's attention and experts, with V2's complex-valued rotary embedding (onnx_export/rotary.py)
-    "deepseek_v2": ("DeepseekV2Config", dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
-                                             qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=24,
-                                             n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
-                                             moe_intermediate_size=48, first_k_dense_replace=1,
-                                             tie_word_embeddings=False)),
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=12.0,
                                             residual_multiplier=0.22, logits_scaling=4.0, tie_word_embeddings=True)),
     # RoPE scaling variants, with original lengths the test prompts exceed

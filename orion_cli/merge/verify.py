@@ -75,8 +75,8 @@ def inferred_architecture(merge_config, options) -> Iterator[None]:
 
     models = tuple(merge_config.referenced_models())
     architecture = infer_architecture_info(models, merge_config.base_model, options)
-    architecture = _optional_where_a_layer_lacks_it(architecture, models + ((merge_config.base_model,) if
-                                                                             merge_config.base_model else ()), options)
+    every_model = models + ((merge_config.base_model,) if merge_config.base_model else ())
+    architecture = _optional_where_a_layer_lacks_it(architecture, every_model, options)
     original = mergekit.merge.get_architecture_info
     mergekit.merge.get_architecture_info = lambda *args, **kwargs: architecture
     try:

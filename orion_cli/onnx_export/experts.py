@@ -10,8 +10,8 @@ rows. Its patched forward is written for any block with Mixtral's contract
 `norm_topk_prob`), so a block listed here gets it too; Qwen2-MoE's adds its
 gated shared expert after it. PhiMoE routes with its own sparsemixer and then
 skips an expert no token chose (`if top_x.shape[0] == 0: continue`, the same
-trap), so its routing is kept and the loop replaced, as is DeepSeek-V3's (its grouped
-top-k router, then the same loop, then its shared experts). OLMoE's block already runs
+trap), so its routing is kept and the loop replaced, as are DeepSeek-V2's and V3's
+(a grouped top-k router, the same trap in its loop, then shared experts). OLMoE's block already runs
 every expert and is listed with no patch. A block is listed only once its
 export has been compared with transformers' logits (the test table;
 GraniteMoeShared, whose block is GraniteMoE's, by tools/architecture_sweep.py).
@@ -66,12 +66,13 @@ def _sparsemixer_routed(self, hidden_states):
 
 
 def _routed_and_shared(self, hidden_states):
-    """DeepSeek-V3's block (DeepseekV3MoE.forward): its router's top-k, every routed expert run, plus the
-    shared experts every token takes. Its `moe` skips an expert no token chose (`if token_indices.numel()`)."""
+    """DeepSeek-V2's and V3's block (DeepseekV2MoE/DeepseekV3MoE.forward): the router's top-k, every routed expert
+    run, plus the shared experts every token takes. Their `moe` skips an expert no token chose (V3's
+    `if token_indices.numel() > 0`, V2's `if num_tokens == 0: continue`)."""
     shape = hidden_states.shape
     selected, weights = self.gate(hidden_states)
     flat = hidden_states.view(-1, shape[-1])
-    routed = _every_expert(self, flat.to(weights.dtype), weights, selected).type(hidden_states.dtype)
+    routed = _every_expert(self, flat, weights.type_as(flat), selected)
     return routed.view(*shape) + self.shared_experts(hidden_states)
 
 

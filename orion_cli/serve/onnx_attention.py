@@ -104,7 +104,7 @@ def _last_dim(graph: onnx.GraphProto, output: str) -> int | None:
     """The fixed last dimension of a graph output, where the graph declares one."""
     value = next((o for o in graph.output if o.name == output), None)
     dims = value.type.tensor_type.shape.dim if value is not None else []
-    return dims[-1].dim_value or None if dims else None
+    return (dims[-1].dim_value or None) if dims else None
 
 
 class _Graph:
