@@ -59,6 +59,15 @@ SHAPES = {
         num_local_experts=32, num_experts_per_tok=8, vocab_size=49155, max_position_embeddings=131072,
         rope_theta=10000000.0, rms_norm_eps=1e-6, embedding_multiplier=12.0, residual_multiplier=0.22,
         attention_multiplier=0.015625, logits_scaling=6.0, tie_word_embeddings=True)),
+    "deepseek-v2-lite": ("DeepseekV2Config", dict(
+        hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
+        num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+        kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        first_k_dense_replace=1, topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        norm_topk_prob=False, vocab_size=102400, max_position_embeddings=163840, rope_theta=10000.0,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        rms_norm_eps=1e-6, tie_word_embeddings=False)),
 }
 
 
