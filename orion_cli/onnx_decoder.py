@@ -44,18 +44,20 @@ class OnnxDecoder:
             raise ValueError(f"{model}: no present outputs for {missing[:2]}; export with past key values")
         self.layers = len(self.past_names) // 2
         self.past_dtype = NUMPY_TYPES.get(inputs[self.past_names[0]].type, np.float32) if self.past_names else np.float32
-        shape = outputs[self.present_names[0]].shape if self.present_names else [0, 0, 0, 0]
-        self.kv_heads, self.head_dim = (d if isinstance(d, int) else None for d in (shape[1], shape[3]))
+        # (heads, head size) of each past input, as its present output declares them: values may have a head size of
+        # their own (DeepSeek's multi-head latent attention caches keys of 192 and values of 128)
+        self.cache_shapes = [tuple(d if isinstance(d, int) else None for d in (shape[1], shape[3]))
+                             for shape in (outputs[name].shape for name in self.present_names)]
         logits = outputs.get("logits")
         self.logits_dtype = NUMPY_TYPES.get(logits.type, np.float32) if logits is not None else np.float32
         self.vocab_size = logits.shape[-1] if logits is not None and isinstance(logits.shape[-1], int) else None
         self.extra = extra
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        if self.kv_heads is None or self.head_dim is None:  # a graph that declares no sizes: learn them from a step
+        if any(None in shape for shape in self.cache_shapes):  # a graph that declares no sizes: learn them from a step
             _, presents = self.run(np.zeros((1, 1), np.int64), None, None, None)
-            self.kv_heads, self.head_dim = presents[0].shape[1], presents[0].shape[3]
-        return [np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.past_dtype) for _ in self.past_names]
+            self.cache_shapes = [(present.shape[1], present.shape[3]) for present in presents]
+        return [np.zeros((batch, heads, 0, size), dtype=self.past_dtype) for heads, size in self.cache_shapes]
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray | None, position_ids: np.ndarray | None,
             past: list[np.ndarray] | None, extra: Mapping[str, np.ndarray] | None = None,

@@ -125,6 +125,23 @@ def test_an_architecture_the_torch_engine_cannot_run_is_served_by_onnxruntime(ti
         assert reply["choices"][0]["token_ids"] == expected
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_keys_and_values_of_different_head_sizes_are_served_with_the_exported_attention(tiny_models, tmp_path):
+    """DeepSeek's multi-head latent attention caches keys of 32 and values of 24 (the tiny table's). The rewrite
+    keeps its exported attention, whose decode steps pad each past in its own shape: they padded the values to
+    the keys' head size ("could not broadcast input array from shape (16,22,128) into shape (16,22,192)" on
+    DeepSeek-V2-Lite's shapes), which failed the engine at the first decode step."""
+    path = tiny_models["deepseek_v3"]
+    body, expected = greedy_request(path)
+    with serving(path, "--port", "0", "--engine", "onnxruntime",
+                 env={"ORION_CACHE_DIR": str(tmp_path / "cache")}) as server:
+        card = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]
+        assert card["orion"]["attention"].startswith("exported (keys of head size 32 and values of 24"), card
+        reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["token_ids"] == expected
+
+
 def test_what_onnxruntime_cannot_do_is_refused_before_any_export(orion, tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("ORION_CACHE_DIR", str(tmp_path / "cache"))
     result = orion("serve", tiny_llama, "--engine", "onnxruntime", "--tp", "2")

@@ -120,9 +120,8 @@ class OnnxRunner:
         """Slots 0..rows-1 left-padded to the longest past, and the mask hiding the padding."""
         rows, longest = len(starts), max(starts)
         mask = np.zeros((rows, longest + 1), dtype=np.int64)
-        first = self.slots[0][0]
-        past = [np.zeros((rows, first.shape[1], longest, first.shape[3]), dtype=first.dtype)
-                for _ in self.decoder.past_names]
+        # each past padded in its own shape: values may have a head size of their own (multi-head latent attention)
+        past = [np.zeros((rows, own.shape[1], longest, own.shape[3]), dtype=own.dtype) for own in self.slots[0]]
         for row, start in enumerate(starts):
             mask[row, longest - start:] = 1
             for padded, own in zip(past, self.slots[row]):
