@@ -27,13 +27,11 @@ inputs, read from the checkpoint as row e of the stack
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
 from torch import nn
 
-_MODULE = "transformers.models.{0}.modeling_{0}"
 
 
 def _renormalized(self, hidden_states):
@@ -156,11 +154,11 @@ def traceable(model_type: str) -> bool:
     return model_type in TRACEABLE_BLOCKS
 
 
-def expert_swaps(model_type: str) -> list[tuple[object, str, Callable]]:
-    """(block class, "forward", its every-expert forward) for `model_type`'s listed block; none when the block needs
-    no patch or is not listed (traceable() tells the two apart)."""
+def expert_swaps(model_type: str) -> list[tuple[str, str, Callable]]:
+    """(block class's name in the modeling module, "forward", its every-expert forward) for `model_type`'s listed
+    block; none when the block needs no patch or is not listed (traceable() tells the two apart)."""
     entry = TRACEABLE_BLOCKS.get(model_type)
     if entry is None or entry[1] is None:
         return []
     class_name, every_expert_forward = entry
-    return [(getattr(importlib.import_module(_MODULE.format(model_type)), class_name), "forward", every_expert_forward)]
+    return [(class_name, "forward", every_expert_forward)]

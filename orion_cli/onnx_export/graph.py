@@ -88,8 +88,7 @@ def _export(model_dir: Path, output_file: Path, trust_remote_code: bool, flag: s
             raise ExportError(f"{flag} {model_dir}: optimum cannot export {arch} with past key values "
                               f"({_first_sentence(exc)}), and {why_not}") from None
         log.info("optimum has no ONNX export entry for %s: exporting it as a standard decoder", config.model_type)
-    else:
-        constructor = _with_orion_patches(constructor, config)
+    constructor = _with_orion_patches(constructor, config)
     export_config = constructor(model.config, task=CONFIG_TASK, use_past=True, use_past_in_inputs=True,
                                 int_dtype="int64", float_dtype="fp32")
     dummy = export_config.rename_ambiguous_inputs(export_config.generate_dummy_inputs(framework="pt"))
@@ -175,8 +174,9 @@ def stand_in_parameters(model) -> None:
 
 
 def _with_orion_patches(constructor, config):
-    """optimum's own export config, its patcher extended with orion's swaps (patching.py) where optimum has an
-    entry but no such patch (DeepSeek-V3's experts: its export would fix the routing to the traced batch's)."""
+    """The export config (optimum's entry, or the standard-decoder description), its patcher extended with orion's
+    swaps (patching.py): every-expert blocks and complex rotaries, including where optimum has an entry but no such
+    patch (DeepSeek-V3's experts: its export would fix the routing to the traced batch's)."""
     import functools
 
     from .patching import export_patcher
@@ -201,12 +201,12 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
     cache object, position ids), so StarCoder2 exports the same way. So is a class with transformers' older
     per-backend attention classes (`_supports_sdpa`) whose forward takes those inputs and a cache object (OLMoE,
     Qwen2-MoE, PhiMoE, GraniteMoE); a hybrid whose cache is not a key/value cache (Jamba, Bamba) fails in the
-    trace, saying so. Experts need their block made traceable (experts.py); a block not listed there is refused.
+    trace, saying so. Experts need their block made traceable (experts.py, applied by _export with orion's other
+    patches); a block not listed there is refused.
     Whether an export is right is checked, not assumed: every architecture of the test table is compared with
     transformers' logits.
     """
     from .experts import traceable
-    from .patching import export_patcher
 
     config = model.config
     if not takes_standard_decoder_inputs(type(model)):
@@ -216,7 +216,6 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
     if experts and not traceable(config.model_type):
         return None, (f"its config has experts ({experts[0]}={getattr(config, experts[0])}) of a block orion "
                       "has not made traceable, so their routing would be fixed to the traced shapes")
-    patcher = export_patcher(config.model_type)
     from optimum.exporters.onnx.config import TextDecoderWithPositionIdsOnnxConfig
     from optimum.exporters.onnx.model_configs import DeepSeekV3OnnxConfig, LlamaOnnxConfig
     from optimum.utils import NormalizedTextConfig, NormalizedTextConfigWithGQA
@@ -231,8 +230,6 @@ def generic_decoder_config(model) -> tuple[type | None, str]:
 
     class StandardDecoderOnnxConfig(base):
         NORMALIZED_CONFIG_CLASS = NormalizedTextConfigWithGQA if grouped else NormalizedTextConfig
-        if patcher is not None:
-            _MODEL_PATCHER = patcher
 
     return StandardDecoderOnnxConfig, ""
 

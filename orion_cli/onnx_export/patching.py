@@ -8,16 +8,25 @@ rotary embedding's real form (rotary.py).
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 from .experts import expert_swaps
 from .rotary import rotary_swaps
 
+_MODULE = "transformers.models.{0}.modeling_{0}"
+
 
 def export_patcher(model_type: str, base: type | None = None) -> type | None:
     """A ModelPatcher subclass of `base` (an export config's own patcher, or optimum's plain one) making the swaps
-    `model_type` needs; None when it needs none."""
-    return swapping_patcher(expert_swaps(model_type) + rotary_swaps(model_type), base)
+    `model_type` needs; None when it needs none. The swaps name their owners in transformers' modeling module of
+    `model_type` (None: the module itself)."""
+    named = expert_swaps(model_type) + rotary_swaps(model_type)
+    if not named:
+        return None
+    module = importlib.import_module(_MODULE.format(model_type))
+    return swapping_patcher([(module if owner is None else getattr(module, owner), attribute, value)
+                             for owner, attribute, value in named], base)
 
 
 def swapping_patcher(swaps: list[tuple[object, str, Callable]], base: type | None = None) -> type | None:

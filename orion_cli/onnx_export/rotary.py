@@ -11,12 +11,9 @@ operators; the test table compares the export's logits with transformers'.
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import torch
-
-_MODULE = "transformers.models.{0}.modeling_{0}"
 
 
 def _cos_sin_table(self, x, position_ids):
@@ -41,10 +38,10 @@ def _turn_pairs(xq, xk, table):
 COMPLEX_ROTARY = {"deepseek_v2": ("DeepseekV2RotaryEmbedding", "apply_rotary_emb")}
 
 
-def rotary_swaps(model_type: str) -> list[tuple[object, str, Callable]]:
-    """(owner, attribute, export-time value) for a model whose rotary embedding is complex; none for the others."""
+def rotary_swaps(model_type: str) -> list[tuple[str | None, str, Callable]]:
+    """(owner's name in the modeling module, None for the module itself; attribute; export-time value) for a model
+    whose rotary embedding is complex; none for the others."""
     if model_type not in COMPLEX_ROTARY:
         return []
-    module = importlib.import_module(_MODULE.format(model_type))
     class_name, apply_name = COMPLEX_ROTARY[model_type]
-    return [(getattr(module, class_name), "forward", _cos_sin_table), (module, apply_name, _turn_pairs)]
+    return [(class_name, "forward", _cos_sin_table), (None, apply_name, _turn_pairs)]
