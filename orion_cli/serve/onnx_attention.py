@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .onnx_graph import SLICE_TO_END, nodes_computing, unsqueezed
+from .onnx_graph import SLICE_TO_END, declared_dims, nodes_computing, unsqueezed
 from .onnx_rotary import find_rotation, rotary_tables, table_initializers
 
 SEQLENS = "seqlens_k"  # int32 [batch]: each row's length after this step, minus one
@@ -82,7 +82,8 @@ def rewrite_attention(model: onnx.ModelProto, heads: Heads, windows: dict[int, i
         raise NotRewritten("the graph has no past key/value inputs")
     if "position_ids" not in names:
         raise NotRewritten("the graph takes no position_ids")
-    key_size, value_size = (_last_dim(graph, f"present.{layers[0]}.{what}") for what in ("key", "value"))
+    key_dims, value_dims = (declared_dims(graph, f"present.{layers[0]}.{what}") for what in ("key", "value"))
+    key_size, value_size = (dims[-1] if dims else None for dims in (key_dims, value_dims))
     if key_size and value_size and key_size != value_size:
         raise NotRewritten(f"keys of head size {key_size} and values of {value_size} (multi-head latent "
                            "attention): GroupQueryAttention takes one head size")
@@ -98,13 +99,6 @@ def rewrite_attention(model: onnx.ModelProto, heads: Heads, windows: dict[int, i
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
-
-
-def _last_dim(graph: onnx.GraphProto, output: str) -> int | None:
-    """The fixed last dimension of a graph output, where the graph declares one."""
-    value = next((o for o in graph.output if o.name == output), None)
-    dims = value.type.tensor_type.shape.dim if value is not None else []
-    return (dims[-1].dim_value or None) if dims else None
 
 
 class _Graph:

@@ -25,3 +25,9 @@ def unsqueezed(name: str, producer: dict[str, onnx.NodeProto]) -> str:
     """What an Unsqueeze made `name` of, or `name` (the export unsqueezes each scalar afresh for each use)."""
     node = producer.get(name)
     return node.input[0] if node is not None and node.op_type == "Unsqueeze" else name
+
+
+def declared_dims(graph: onnx.GraphProto, output: str) -> list[int | None]:
+    """The dimensions graph output `output` declares, None where symbolic; [] where it has no such output or shape."""
+    value = next((o for o in graph.output if o.name == output), None)
+    return [dim.dim_value or None for dim in value.type.tensor_type.shape.dim] if value is not None else []

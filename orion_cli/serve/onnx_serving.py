@@ -71,11 +71,11 @@ def onnx_runner(graph, text_config, *, attention: str, max_batch_size: int, max_
 def _declared_cache_shape(model) -> tuple[int | None, int | None]:
     """(key/value heads, head size) as the graph's first present output declares them, where it fixes them: the
     export's, not the config's (FalconConfig's num_key_value_heads need not be what a multi-query model caches)."""
-    present = next((o for o in model.graph.output if o.name.startswith("present.")), None)
-    dims = present.type.tensor_type.shape.dim if present is not None else []
-    if len(dims) != 4:
-        return None, None
-    return (dims[1].dim_value or None), (dims[3].dim_value or None)
+    from .onnx_graph import declared_dims
+
+    present = next((o.name for o in model.graph.output if o.name.startswith("present.")), None)
+    dims = declared_dims(model.graph, present) if present is not None else []
+    return (dims[1], dims[3]) if len(dims) == 4 else (None, None)
 
 
 def sliding_windows(text_config) -> dict[int, int]:
